@@ -1,0 +1,928 @@
+//! Scaled dot-product attention.
+//!
+//! One entry point for every model (T5 with its relative-position bias, the DiTs with padding
+//! masks, the VAE's single-head mid-block attention), so the fast path lives in one place.
+//!
+//! On the CPU, [`scaled_dot_product_attention`] runs a fused, blocked kernel
+//! ([`fused_cpu_attention`]): for each (batch, head, block of query rows) it computes the scores
+//! with a GEMM into a per-thread scratch buffer, adds the bias, takes a numerically stable
+//! softmax in place (SIMD `exp` on AVX-512 / AVX2, `f32::exp` elsewhere), multiplies by `v`
+//! straight into the output and normalises the rows. The full `[B, H, Lq, Lk]` score tensor is
+//! never materialised. On other devices (CUDA) the candle-op path ([`naive_attention`]) runs.
+
+use std::cell::RefCell;
+
+use candle_core::{bail, DType, Layout, Result, Storage, Tensor};
+use rayon::prelude::*;
+
+/// `softmax(q·kᵀ·scale + bias)·v`.
+///
+/// Shapes: `q` `[B, H, Lq, Dh]`, `k` and `v` `[B, H, Lk, Dh]`, `bias` broadcastable to
+/// `[B, H, Lq, Lk]` (additive: `-inf`/large negative on masked keys). Returns `[B, H, Lq, Dh]`.
+///
+/// CPU tensors in f32/f16/bf16 take the fused kernel ([`fused_cpu_attention`]); anything else
+/// (other devices, other dtypes, shapes it does not cover) takes [`naive_attention`].
+pub fn scaled_dot_product_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: Option<&Tensor>,
+    scale: f64,
+) -> Result<Tensor> {
+    if fused_dims(q, k, v, bias).is_ok() {
+        return fused_cpu_attention(q, k, v, bias, scale);
+    }
+    naive_attention(q, k, v, bias, scale)
+}
+
+/// The reference path built from candle ops: `matmul → (+bias) → softmax_last_dim → matmul`.
+///
+/// Runs on any device (this is what CUDA uses) and materialises the `[B, H, Lq, Lk]` scores.
+/// Same contract as [`scaled_dot_product_attention`].
+pub fn naive_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: Option<&Tensor>,
+    scale: f64,
+) -> Result<Tensor> {
+    let q = q.contiguous()?;
+    let kt = k.transpose(2, 3)?.contiguous()?;
+    let mut scores = (q.matmul(&kt)? * scale)?;
+    if let Some(bias) = bias {
+        scores = scores.broadcast_add(bias)?;
+    }
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+    probs.matmul(&v.contiguous()?)
+}
+
+/// The fused, blocked CPU kernel behind [`scaled_dot_product_attention`].
+///
+/// Requirements (an error otherwise): all tensors on the CPU; `q`, `k`, `v` of one dtype among
+/// f32, f16 and bf16 (half inputs are computed in f32 and the result converted back); shapes
+/// `q [B, H, Lq, Dh]`, `k [B, H, Lk, Dh]`, `v [B, H, Lk, Dv]` with `Lk ≥ 1`; `bias` of any float
+/// dtype, rank ≤ 4 and broadcastable to `[B, H, Lq, Lk]` (e.g. `[B, 1, 1, Lk]`, `[1, H, Lq, Lk]`,
+/// `[B, H, Lq, Lk]`). Inputs may be strided (e.g. a transposed `[B, L, H, Dh]` view).
+///
+/// A query row whose scores are all `-inf` yields zeros (the candle-op path yields NaN).
+pub fn fused_cpu_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: Option<&Tensor>,
+    scale: f64,
+) -> Result<Tensor> {
+    let dims = fused_dims(q, k, v, bias)?;
+    let in_dtype = q.dtype();
+    let q = q.to_dtype(DType::F32)?;
+    let k = k.to_dtype(DType::F32)?;
+    let v = v.to_dtype(DType::F32)?;
+    let bias = match bias {
+        None => None,
+        Some(bias) => Some(prepare_bias(bias, &dims)?),
+    };
+
+    let out = {
+        let (q_storage, q_layout) = q.storage_and_layout();
+        let (k_storage, k_layout) = k.storage_and_layout();
+        let (v_storage, v_layout) = v.storage_and_layout();
+        let q_view = View::new(cpu_f32(&q_storage)?, q_layout);
+        let k_view = View::new(cpu_f32(&k_storage)?, k_layout);
+        let v_view = View::new(cpu_f32(&v_storage)?, v_layout);
+        match &bias {
+            None => run_fused(&dims, q_view, k_view, v_view, None, scale as f32),
+            Some(bias) => {
+                let (b_storage, b_layout) = bias.storage_and_layout();
+                let b_view = View::new(cpu_f32(&b_storage)?, b_layout);
+                run_fused(&dims, q_view, k_view, v_view, Some(b_view), scale as f32)
+            }
+        }
+    };
+    let out = Tensor::from_vec(out, (dims.b, dims.h, dims.lq, dims.dv), q.device())?;
+    if in_dtype == DType::F32 {
+        Ok(out)
+    } else {
+        out.to_dtype(in_dtype)
+    }
+}
+
+/// Problem sizes of one attention call.
+#[derive(Debug, Clone, Copy)]
+struct Dims {
+    b: usize,
+    h: usize,
+    lq: usize,
+    lk: usize,
+    dh: usize,
+    dv: usize,
+}
+
+/// Checks that the fused kernel covers these inputs and returns the sizes.
+fn fused_dims(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>) -> Result<Dims> {
+    let on_cpu = q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu();
+    if !on_cpu || bias.is_some_and(|b| !b.device().is_cpu()) {
+        bail!("fused attention: all tensors must be on the CPU");
+    }
+    let dtype = q.dtype();
+    if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
+        || k.dtype() != dtype
+        || v.dtype() != dtype
+    {
+        bail!(
+            "fused attention: q/k/v must share one dtype among f32/f16/bf16, got {:?}/{:?}/{:?}",
+            q.dtype(),
+            k.dtype(),
+            v.dtype()
+        );
+    }
+    let (b, h, lq, dh) = q.dims4()?;
+    let (kb, kh, lk, kd) = k.dims4()?;
+    let (vb, vh, vl, dv) = v.dims4()?;
+    if (kb, kh, kd) != (b, h, dh) || (vb, vh, vl) != (b, h, lk) || lk == 0 {
+        bail!(
+            "fused attention: incompatible shapes q {:?}, k {:?}, v {:?}",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        );
+    }
+    if let Some(bias) = bias {
+        if !matches!(
+            bias.dtype(),
+            DType::F32 | DType::F16 | DType::BF16 | DType::F64
+        ) {
+            bail!("fused attention: unsupported bias dtype {:?}", bias.dtype());
+        }
+        let bd = bias.dims();
+        let full = [b, h, lq, lk];
+        let ok = bd.len() <= 4
+            && bd
+                .iter()
+                .rev()
+                .zip(full.iter().rev())
+                .all(|(&d, &f)| d == f || d == 1);
+        if !ok {
+            bail!("fused attention: bias {bd:?} does not broadcast to {full:?}");
+        }
+    }
+    Ok(Dims {
+        b,
+        h,
+        lq,
+        lk,
+        dh,
+        dv,
+    })
+}
+
+/// Converts the bias to f32 and broadcasts it to `[B, H, Lq, Lk]` (a strided view, with unit
+/// stride along the keys).
+fn prepare_bias(bias: &Tensor, d: &Dims) -> Result<Tensor> {
+    let full = (d.b, d.h, d.lq, d.lk);
+    let bias = bias.to_dtype(DType::F32)?;
+    let view = bias.broadcast_as(full)?;
+    if d.lk == 1 || view.stride()[3] == 1 {
+        return Ok(view);
+    }
+    let view = bias.contiguous()?.broadcast_as(full)?;
+    if view.stride()[3] == 1 {
+        return Ok(view);
+    }
+    view.contiguous()
+}
+
+/// The f32 data of a CPU storage.
+fn cpu_f32(storage: &Storage) -> Result<&[f32]> {
+    match storage {
+        Storage::Cpu(cpu) => cpu.as_slice::<f32>(),
+        _ => bail!("fused attention: tensor is not on the CPU"),
+    }
+}
+
+/// A strided rank-4 view into f32 storage.
+#[derive(Clone, Copy)]
+struct View<'a> {
+    data: &'a [f32],
+    offset: usize,
+    stride: [usize; 4],
+}
+
+impl<'a> View<'a> {
+    fn new(data: &'a [f32], layout: &Layout) -> Self {
+        let s = layout.stride();
+        View {
+            data,
+            offset: layout.start_offset(),
+            stride: [s[0], s[1], s[2], s[3]],
+        }
+    }
+
+    /// Element offset of `[b, h, row, 0]`.
+    fn at(&self, b: usize, h: usize, row: usize) -> usize {
+        self.offset + b * self.stride[0] + h * self.stride[1] + row * self.stride[2]
+    }
+}
+
+/// Query rows per work item: the score block (`rows × Lk` f32) stays around 256 KiB so it lives
+/// in L2, while keeping enough items to feed every thread.
+fn block_rows(d: &Dims) -> usize {
+    const SCORE_BLOCK_ELEMS: usize = 64 * 1024;
+    let mut rows = (SCORE_BLOCK_ELEMS / d.lk.max(1)).clamp(8, 256);
+    let threads = rayon::current_num_threads().max(1);
+    while rows > 8 && d.b * d.h * d.lq.div_ceil(rows) < 4 * threads {
+        rows /= 2;
+    }
+    rows.min(d.lq).max(1)
+}
+
+thread_local! {
+    /// Per-thread score block, reused across calls.
+    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+fn run_fused(
+    d: &Dims,
+    q: View<'_>,
+    k: View<'_>,
+    v: View<'_>,
+    bias: Option<View<'_>>,
+    scale: f32,
+) -> Vec<f32> {
+    let mut out = vec![0f32; d.b * d.h * d.lq * d.dv];
+    if out.is_empty() {
+        return out;
+    }
+    let rows_per_block = block_rows(d);
+    let isa = Isa::detect();
+    out.par_chunks_mut(d.lq * d.dv)
+        .enumerate()
+        .for_each(|(bh, out_bh)| {
+            let (b, h) = (bh / d.h, bh % d.h);
+            out_bh
+                .par_chunks_mut(rows_per_block * d.dv)
+                .enumerate()
+                .for_each(|(blk, out_blk)| {
+                    let q0 = blk * rows_per_block;
+                    let rows = out_blk.len() / d.dv;
+                    SCRATCH.with(|scratch| {
+                        let mut scratch = scratch.borrow_mut();
+                        let need = rows * d.lk;
+                        if scratch.len() < need {
+                            scratch.resize(need, 0.0);
+                        }
+                        let bias_rows = bias.map(|bv| {
+                            let start = bv.at(b, h, q0);
+                            let row_stride = bv.stride[2];
+                            let end = start + (rows - 1) * row_stride + d.lk;
+                            (&bv.data[start..end], row_stride)
+                        });
+                        attend_block(
+                            d,
+                            &q,
+                            &k,
+                            &v,
+                            (b, h, q0, rows),
+                            bias_rows,
+                            scale,
+                            &mut scratch[..need],
+                            out_blk,
+                            isa,
+                        );
+                    });
+                });
+        });
+    out
+}
+
+/// One work item: `rows` query rows of one (batch, head) pair.
+#[allow(clippy::too_many_arguments)]
+fn attend_block(
+    d: &Dims,
+    q: &View<'_>,
+    k: &View<'_>,
+    v: &View<'_>,
+    (b, h, q0, rows): (usize, usize, usize, usize),
+    bias_rows: Option<(&[f32], usize)>,
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+    isa: Isa,
+) {
+    let (lk, dh, dv) = (d.lk, d.dh, d.dv);
+    debug_assert_eq!(scores.len(), rows * lk);
+    debug_assert_eq!(out.len(), rows * dv);
+    let q_off = q.at(b, h, q0);
+    let k_off = k.at(b, h, 0);
+    let v_off = v.at(b, h, 0);
+    // Bounds of what the GEMMs read, checked once so the raw-pointer calls stay in range.
+    let q_last = q_off + (rows - 1) * q.stride[2] + dh.saturating_sub(1) * q.stride[3];
+    let k_last = k_off + (lk - 1) * k.stride[2] + dh.saturating_sub(1) * k.stride[3];
+    let v_last = v_off + (lk - 1) * v.stride[2] + dv.saturating_sub(1) * v.stride[3];
+    assert!(q_last < q.data.len() && k_last < k.data.len() && v_last < v.data.len());
+
+    // scores[rows, lk] = scale · q_blk[rows, dh] · kᵀ[dh, lk]
+    // SAFETY: every index read or written lies within the slices (checked above; `scores` and
+    // `out` have exactly rows·lk and rows·dv elements, written with unit column stride).
+    unsafe {
+        gemm::gemm(
+            rows,
+            lk,
+            dh,
+            scores.as_mut_ptr(),
+            1,
+            lk as isize,
+            false,
+            q.data.as_ptr().add(q_off),
+            q.stride[3] as isize,
+            q.stride[2] as isize,
+            k.data.as_ptr().add(k_off),
+            k.stride[2] as isize,
+            k.stride[3] as isize,
+            0.0,
+            scale,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+
+    let mut inv_sums = [0f32; 256];
+    for (r, row) in scores.chunks_exact_mut(lk).enumerate() {
+        let bias_row = bias_rows.map(|(data, stride)| &data[r * stride..r * stride + lk]);
+        let sum = isa.softmax_row(row, bias_row);
+        inv_sums[r] = if sum > 0.0 { 1.0 / sum } else { 0.0 };
+    }
+
+    // out[rows, dv] = exp_scores[rows, lk] · v[lk, dv]
+    // SAFETY: as above.
+    unsafe {
+        gemm::gemm(
+            rows,
+            dv,
+            lk,
+            out.as_mut_ptr(),
+            1,
+            dv as isize,
+            false,
+            scores.as_ptr(),
+            1,
+            lk as isize,
+            v.data.as_ptr().add(v_off),
+            v.stride[3] as isize,
+            v.stride[2] as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+    for (row, inv) in out.chunks_exact_mut(dv).zip(inv_sums.iter()) {
+        for x in row {
+            *x *= inv;
+        }
+    }
+}
+
+/// The SIMD level used for the softmax.
+#[derive(Clone, Copy, Debug)]
+enum Isa {
+    Scalar,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+}
+
+impl Isa {
+    fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx512f") {
+                return Isa::Avx512;
+            }
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                return Isa::Avx2;
+            }
+        }
+        Isa::Scalar
+    }
+
+    /// In place: `row ← exp(row + bias − max)`; returns the sum of the new row (0 when every
+    /// entry is `-inf`, in which case the row is zeroed).
+    fn softmax_row(self, row: &mut [f32], bias: Option<&[f32]>) -> f32 {
+        match self {
+            Isa::Scalar => softmax_row_scalar(row, bias),
+            // SAFETY: the CPU features were detected at run time.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => unsafe { x86::softmax_row_avx2(row, bias) },
+            // SAFETY: the CPU features were detected at run time.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => unsafe { x86::softmax_row_avx512(row, bias) },
+        }
+    }
+}
+
+fn softmax_row_scalar(row: &mut [f32], bias: Option<&[f32]>) -> f32 {
+    if let Some(bias) = bias {
+        for (x, b) in row.iter_mut().zip(bias) {
+            *x += b;
+        }
+    }
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if max == f32::NEG_INFINITY {
+        row.fill(0.0);
+        return 0.0;
+    }
+    let mut sum = 0.0;
+    for x in row.iter_mut() {
+        *x = (*x - max).exp();
+        sum += *x;
+    }
+    sum
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    //! AVX-512 and AVX2 softmax rows. `exp` is Cephes' `expf` (range reduction by `ln 2` in two
+    //! parts, degree-5 polynomial), ≈ 1 ulp over the range a softmax feeds it.
+
+    use std::arch::x86_64::*;
+
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    const P0: f32 = 1.987_569_1e-4;
+    const P1: f32 = 1.398_2e-3;
+    const P2: f32 = 8.333_452e-3;
+    const P3: f32 = 4.166_579_6e-2;
+    const P4: f32 = 1.666_666_5e-1;
+    const P5: f32 = 5.000_000_1e-1;
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn exp512(x: __m512) -> __m512 {
+        // Below −104 the result underflows to 0 anyway; clamping keeps −inf out of the
+        // reduction.
+        let x = _mm512_min_ps(
+            _mm512_max_ps(x, _mm512_set1_ps(-104.0)),
+            _mm512_set1_ps(88.7),
+        );
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm512_mul_ps(x, _mm512_set1_ps(LOG2E)),
+        );
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), x);
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LO), r);
+        let mut p = _mm512_set1_ps(P0);
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(P1));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(P2));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(P3));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(P4));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(P5));
+        let r2 = _mm512_mul_ps(r, r);
+        let y = _mm512_add_ps(_mm512_fmadd_ps(p, r2, r), _mm512_set1_ps(1.0));
+        _mm512_scalef_ps(y, n)
+    }
+
+    /// Mask of the first `n` (< 16) lanes.
+    #[inline]
+    fn tail_mask(n: usize) -> __mmask16 {
+        ((1u32 << n) - 1) as __mmask16
+    }
+
+    /// See `Isa::softmax_row`.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F; `bias`, when given, must be at least as long as `row`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn softmax_row_avx512(row: &mut [f32], bias: Option<&[f32]>) -> f32 {
+        let n = row.len();
+        let p = row.as_mut_ptr();
+        let full = n / 16 * 16;
+        let rest = n - full;
+        let mut vmax = _mm512_set1_ps(f32::NEG_INFINITY);
+        match bias {
+            Some(bias) => {
+                debug_assert!(bias.len() >= n);
+                let bp = bias.as_ptr();
+                let mut i = 0;
+                while i < full {
+                    let x = _mm512_add_ps(_mm512_loadu_ps(p.add(i)), _mm512_loadu_ps(bp.add(i)));
+                    _mm512_storeu_ps(p.add(i), x);
+                    vmax = _mm512_max_ps(vmax, x);
+                    i += 16;
+                }
+                if rest > 0 {
+                    let m = tail_mask(rest);
+                    let x = _mm512_add_ps(
+                        _mm512_maskz_loadu_ps(m, p.add(full)),
+                        _mm512_maskz_loadu_ps(m, bp.add(full)),
+                    );
+                    _mm512_mask_storeu_ps(p.add(full), m, x);
+                    vmax = _mm512_mask_max_ps(vmax, m, vmax, x);
+                }
+            }
+            None => {
+                let mut i = 0;
+                while i < full {
+                    vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(p.add(i)));
+                    i += 16;
+                }
+                if rest > 0 {
+                    let m = tail_mask(rest);
+                    let x = _mm512_maskz_loadu_ps(m, p.add(full));
+                    vmax = _mm512_mask_max_ps(vmax, m, vmax, x);
+                }
+            }
+        }
+        let max = _mm512_reduce_max_ps(vmax);
+        if max == f32::NEG_INFINITY {
+            row.fill(0.0);
+            return 0.0;
+        }
+        let vm = _mm512_set1_ps(max);
+        let mut s0 = _mm512_setzero_ps();
+        let mut s1 = _mm512_setzero_ps();
+        let mut i = 0;
+        while i + 32 <= full {
+            let e0 = exp512(_mm512_sub_ps(_mm512_loadu_ps(p.add(i)), vm));
+            let e1 = exp512(_mm512_sub_ps(_mm512_loadu_ps(p.add(i + 16)), vm));
+            _mm512_storeu_ps(p.add(i), e0);
+            _mm512_storeu_ps(p.add(i + 16), e1);
+            s0 = _mm512_add_ps(s0, e0);
+            s1 = _mm512_add_ps(s1, e1);
+            i += 32;
+        }
+        if i < full {
+            let e = exp512(_mm512_sub_ps(_mm512_loadu_ps(p.add(i)), vm));
+            _mm512_storeu_ps(p.add(i), e);
+            s0 = _mm512_add_ps(s0, e);
+        }
+        if rest > 0 {
+            let m = tail_mask(rest);
+            let e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, p.add(full)), vm));
+            _mm512_mask_storeu_ps(p.add(full), m, e);
+            s1 = _mm512_mask_add_ps(s1, m, s1, e);
+        }
+        _mm512_reduce_add_ps(_mm512_add_ps(s0, s1))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn exp256(x: __m256) -> __m256 {
+        // Keeps 2^n a normal number; exp(−87.3) ≈ 1e−38 is as good as 0 next to a sum ≥ 1.
+        let x = _mm256_min_ps(
+            _mm256_max_ps(x, _mm256_set1_ps(-87.336_54)),
+            _mm256_set1_ps(88.0),
+        );
+        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm256_mul_ps(x, _mm256_set1_ps(LOG2E)),
+        );
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_HI), x);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_LO), r);
+        let mut p = _mm256_set1_ps(P0);
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(P1));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(P2));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(P3));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(P4));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(P5));
+        let r2 = _mm256_mul_ps(r, r);
+        let y = _mm256_add_ps(_mm256_fmadd_ps(p, r2, r), _mm256_set1_ps(1.0));
+        let e = _mm256_slli_epi32::<23>(_mm256_add_epi32(
+            _mm256_cvtps_epi32(n),
+            _mm256_set1_epi32(127),
+        ));
+        _mm256_mul_ps(y, _mm256_castsi256_ps(e))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn hmax256(v: __m256) -> f32 {
+        let m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        let m = _mm_max_ss(m, _mm_shuffle_ps::<0b01>(m, m));
+        _mm_cvtss_f32(m)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn hsum256(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps::<0b01>(s, s));
+        _mm_cvtss_f32(s)
+    }
+
+    /// See `Isa::softmax_row`.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA; `bias`, when given, must be at least as long as `row`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn softmax_row_avx2(row: &mut [f32], bias: Option<&[f32]>) -> f32 {
+        let n = row.len();
+        let p = row.as_mut_ptr();
+        let full = n / 8 * 8;
+        let mut vmax = _mm256_set1_ps(f32::NEG_INFINITY);
+        let mut max_tail = f32::NEG_INFINITY;
+        match bias {
+            Some(bias) => {
+                debug_assert!(bias.len() >= n);
+                let bp = bias.as_ptr();
+                let mut i = 0;
+                while i < full {
+                    let x = _mm256_add_ps(_mm256_loadu_ps(p.add(i)), _mm256_loadu_ps(bp.add(i)));
+                    _mm256_storeu_ps(p.add(i), x);
+                    vmax = _mm256_max_ps(vmax, x);
+                    i += 8;
+                }
+                for j in full..n {
+                    row[j] += bias[j];
+                    max_tail = max_tail.max(row[j]);
+                }
+            }
+            None => {
+                let mut i = 0;
+                while i < full {
+                    vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(p.add(i)));
+                    i += 8;
+                }
+                for &x in &row[full..] {
+                    max_tail = max_tail.max(x);
+                }
+            }
+        }
+        let max = hmax256(vmax).max(max_tail);
+        if max == f32::NEG_INFINITY {
+            row.fill(0.0);
+            return 0.0;
+        }
+        let vm = _mm256_set1_ps(max);
+        let mut s0 = _mm256_setzero_ps();
+        let mut i = 0;
+        while i < full {
+            let e = exp256(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), vm));
+            _mm256_storeu_ps(p.add(i), e);
+            s0 = _mm256_add_ps(s0, e);
+            i += 8;
+        }
+        let mut sum = hsum256(s0);
+        for x in &mut row[full..] {
+            *x = (*x - max).exp();
+            sum += *x;
+        }
+        sum
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
+        let a = a.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+        let b = b.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+        let max_abs = (&a - &b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let n = b.elem_count() as f64;
+        let v: Vec<f32> = b.to_vec1().unwrap();
+        let mean = v.iter().map(|&x| x as f64).sum::<f64>() / n;
+        let var = v.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n;
+        max_abs / var.sqrt().max(1e-12) as f32
+    }
+
+    /// Deterministic normal samples (xorshift64* + Box–Muller), so error figures are stable.
+    fn randn(shape: &[usize], std: f64) -> Tensor {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static SEED: AtomicU64 = AtomicU64::new(0x9e37_79b9_7f4a_7c15);
+        let n: usize = shape.iter().product();
+        let mut state = SEED.fetch_add(0x2545_f491_4f6c_dd1d, Ordering::Relaxed) | 1;
+        let mut uniform = move || {
+            state ^= state >> 12;
+            state ^= state << 25;
+            state ^= state >> 27;
+            ((state.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+        };
+        let data: Vec<f32> = (0..n)
+            .map(|_| {
+                let (u1, u2) = (uniform(), uniform());
+                let z = (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos();
+                (z * std) as f32
+            })
+            .collect();
+        Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
+    }
+
+    /// Additive masks: −10000 / −inf on some keys, but never a whole row.
+    fn padding_mask(b: usize, lk: usize, neg: f32) -> Tensor {
+        let mut data = vec![0f32; b * lk];
+        for bi in 0..b {
+            let keep = (lk * (bi + 2) / (b + 2)).max(1);
+            for j in keep..lk {
+                data[bi * lk + j] = neg;
+            }
+        }
+        Tensor::from_vec(data, (b, 1, 1, lk), &Device::Cpu).unwrap()
+    }
+
+    fn check(b: usize, h: usize, lq: usize, lk: usize, dh: usize, bias: Option<&Tensor>) -> f32 {
+        let q = randn(&[b, h, lq, dh], 1.0);
+        let k = randn(&[b, h, lk, dh], 1.0);
+        let v = randn(&[b, h, lk, dh], 1.0);
+        let scale = 1.0 / (dh as f64).sqrt();
+        let want = naive_attention(&q, &k, &v, bias, scale).unwrap();
+        let got = fused_cpu_attention(&q, &k, &v, bias, scale).unwrap();
+        assert_eq!(got.dims(), want.dims());
+        let err = rel_err(&got, &want);
+        // Both f32 paths against an f64 evaluation: the fused kernel must be no less accurate.
+        let f = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+        let exact = naive_attention(&f(&q), &f(&k), &f(&v), bias.map(f).as_ref(), scale).unwrap();
+        let (fused_err, naive_err) = (rel_err(&got, &exact), rel_err(&want, &exact));
+        println!("  vs f64: fused {fused_err:.2e}, naive {naive_err:.2e}");
+        assert!(fused_err <= 1e-5 && fused_err <= 2.0 * naive_err.max(1e-7));
+        // The two f32 paths sum in different orders; with 1024 keys each is ~8e-6 off the f64
+        // result on its own, so their distance may reach twice that.
+        let tol = if lk <= 512 { 1e-5 } else { 2e-5 };
+        assert!(err <= tol, "fused vs naive {err:.2e} > {tol:.0e}");
+        let dispatched = scaled_dot_product_attention(&q, &k, &v, bias, scale).unwrap();
+        assert_eq!(rel_err(&dispatched, &got), 0.0);
+        err
+    }
+
+    #[test]
+    fn fused_matches_naive_without_bias() {
+        for &(b, h, lq, lk, dh) in &[
+            (1, 1, 1, 1, 8),
+            (1, 2, 17, 17, 8),
+            (2, 3, 33, 65, 40),
+            (1, 4, 100, 7, 64),
+            (2, 2, 129, 300, 72),
+            (2, 1, 300, 1024, 72),
+        ] {
+            let err = check(b, h, lq, lk, dh, None);
+            println!("no bias {b}x{h}x{lq}x{lk}x{dh}: max abs / std = {err:.2e}");
+        }
+    }
+
+    #[test]
+    fn fused_matches_naive_with_padding_mask() {
+        for &(b, h, lq, lk, dh, neg) in &[
+            (1, 2, 31, 300, 72, -10000.0),
+            (2, 4, 64, 300, 72, -10000.0),
+            (2, 3, 19, 23, 40, f32::NEG_INFINITY),
+            (2, 2, 77, 120, 64, f32::MIN),
+        ] {
+            let mask = padding_mask(b, lk, neg);
+            let err = check(b, h, lq, lk, dh, Some(&mask));
+            println!("mask [B,1,1,Lk] {b}x{h}x{lq}x{lk}x{dh}: max abs / std = {err:.2e}");
+        }
+    }
+
+    #[test]
+    fn fused_matches_naive_with_position_bias() {
+        for &(b, h, lq, lk, dh) in &[(1, 2, 13, 13, 8), (2, 4, 57, 57, 64), (2, 3, 40, 9, 40)] {
+            // T5: [1, H, Lq, Lk] position bias, plus a padding mask → [B, H, Lq, Lk].
+            let pos = randn(&[1, h, lq, lk], 2.0);
+            let err = check(b, h, lq, lk, dh, Some(&pos));
+            println!("bias [1,H,Lq,Lk] {b}x{h}x{lq}x{lk}x{dh}: max abs / std = {err:.2e}");
+            let full = pos.broadcast_add(&padding_mask(b, lk, f32::MIN)).unwrap();
+            let err = check(b, h, lq, lk, dh, Some(&full));
+            println!("bias [B,H,Lq,Lk] {b}x{h}x{lq}x{lk}x{dh}: max abs / std = {err:.2e}");
+            // Lower-rank and odd broadcasts.
+            for shape in [vec![lk], vec![lq, lk], vec![b, 1, lq, 1], vec![1, h, 1, lk]] {
+                let bias = randn(&shape, 1.0);
+                let err = check(b, h, lq, lk, dh, Some(&bias));
+                println!("bias {shape:?} {b}x{h}x{lq}x{lk}x{dh}: max abs / std = {err:.2e}");
+            }
+        }
+    }
+
+    #[test]
+    fn fused_handles_strided_inputs() {
+        // [B, L, H, Dh] projections viewed as [B, H, L, Dh], as the models produce them.
+        let (b, h, lq, lk, dh) = (2, 4, 45, 38, 40);
+        let q = randn(&[b, lq, h, dh], 1.0).transpose(1, 2).unwrap();
+        let k = randn(&[b, lk, h, dh], 1.0).transpose(1, 2).unwrap();
+        let v = randn(&[b, lk, h, dh], 1.0).transpose(1, 2).unwrap();
+        let mask = padding_mask(b, lk, -10000.0);
+        let want = naive_attention(&q, &k, &v, Some(&mask), 0.3).unwrap();
+        let got = fused_cpu_attention(&q, &k, &v, Some(&mask), 0.3).unwrap();
+        let err = rel_err(&got, &want);
+        println!("strided: max abs / std = {err:.2e}");
+        assert!(err <= 1e-5, "{err}");
+    }
+
+    #[test]
+    fn fused_handles_different_value_dim() {
+        let (b, h, lq, lk) = (1, 2, 20, 30);
+        let q = randn(&[b, h, lq, 16], 1.0);
+        let k = randn(&[b, h, lk, 16], 1.0);
+        let v = randn(&[b, h, lk, 24], 1.0);
+        let want = naive_attention(&q, &k, &v, None, 0.25).unwrap();
+        let got = fused_cpu_attention(&q, &k, &v, None, 0.25).unwrap();
+        assert_eq!(got.dims(), &[b, h, lq, 24]);
+        assert!(rel_err(&got, &want) <= 1e-5);
+    }
+
+    #[test]
+    fn fused_half_inputs_match_f32_reference() {
+        let (b, h, lq, lk, dh) = (2, 3, 70, 45, 64);
+        let mask = padding_mask(b, lk, -10000.0);
+        for dtype in [DType::F16, DType::BF16] {
+            let q = randn(&[b, h, lq, dh], 1.0).to_dtype(dtype).unwrap();
+            let k = randn(&[b, h, lk, dh], 1.0).to_dtype(dtype).unwrap();
+            let v = randn(&[b, h, lk, dh], 1.0).to_dtype(dtype).unwrap();
+            let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+            let want = naive_attention(&f(&q), &f(&k), &f(&v), Some(&mask), 0.125).unwrap();
+            let got = scaled_dot_product_attention(&q, &k, &v, Some(&mask), 0.125).unwrap();
+            assert_eq!(got.dtype(), dtype);
+            // Only the final rounding separates them: half an ulp of the largest output.
+            let half_ulp = if dtype == DType::F16 {
+                2f32.powi(-11)
+            } else {
+                2f32.powi(-8)
+            };
+            let got = got.to_dtype(DType::F32).unwrap();
+            let max_abs_err = (&got - &want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let max_out = want
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            println!(
+                "{dtype:?}: max abs / std = {:.2e}, max abs / max|out| = {:.2e}",
+                rel_err(&got, &want),
+                max_abs_err / max_out
+            );
+            assert!(max_abs_err <= 1.01 * half_ulp * max_out, "{dtype:?}");
+        }
+    }
+
+    #[test]
+    fn fully_masked_rows_are_zero() {
+        let q = randn(&[1, 1, 3, 8], 1.0);
+        let k = randn(&[1, 1, 5, 8], 1.0);
+        let v = randn(&[1, 1, 5, 8], 1.0);
+        let mask = Tensor::full(f32::NEG_INFINITY, (1, 1, 1, 5), &Device::Cpu).unwrap();
+        let out = fused_cpu_attention(&q, &k, &v, Some(&mask), 1.0).unwrap();
+        let v: Vec<f32> = out.flatten_all().unwrap().to_vec1().unwrap();
+        assert!(v.iter().all(|&x| x == 0.0));
+    }
+
+    #[test]
+    fn softmax_rows_agree_across_isas() {
+        let lk = 1000 + 13;
+        let data: Vec<f32> = (0..lk)
+            .map(|i| ((i * 7919) % 1013) as f32 * 0.05 - 25.0)
+            .collect();
+        let bias: Vec<f32> = (0..lk)
+            .map(|i| if i % 5 == 0 { -10000.0 } else { (i % 3) as f32 })
+            .collect();
+        let mut want = data.clone();
+        let want_sum = softmax_row_scalar(&mut want, Some(&bias));
+        for isa in [Isa::detect(), Isa::Scalar] {
+            let mut got = data.clone();
+            let sum = isa.softmax_row(&mut got, Some(&bias));
+            assert!((sum - want_sum).abs() <= 1e-5 * want_sum, "{isa:?}");
+            for (g, w) in got.iter().zip(&want) {
+                assert!(
+                    (g - w).abs() <= 2e-7 * w.abs().max(1e-30),
+                    "{isa:?}: {g} vs {w}"
+                );
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            let mut got = data.clone();
+            let sum = Isa::Avx2.softmax_row(&mut got, Some(&bias));
+            assert!((sum - want_sum).abs() <= 1e-5 * want_sum);
+            for (g, w) in got.iter().zip(&want) {
+                assert!(
+                    (g - w).abs() <= 2e-7 * w.abs().max(1e-30),
+                    "avx2: {g} vs {w}"
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,4 @@
+//! Building blocks shared by several models.
+
+pub mod attention;
+pub mod embeddings;

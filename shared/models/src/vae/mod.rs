@@ -1,0 +1,13 @@
+//! Variational autoencoders between pixels and latents.
+//!
+//! - [`AutoencoderKL`]: the 2-D KL VAE (SDXL VAE for PixArt-Σ and Kolors; the 16-channel VAE
+//!   of CogView3-Plus), read from a diffusers `vae/` folder.
+
+pub mod autoencoder_kl;
+mod decoder;
+mod encoder;
+mod resnet;
+
+pub use autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig, DiagonalGaussian};
+pub use decoder::Decoder;
+pub use encoder::Encoder;

@@ -1,0 +1,391 @@
+//! `relayfarm render`: one image (`--prompt`) or a resumable prompt set (`--prompts`), in
+//! this process.
+
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::{Device, Tensor};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use relayfarm_coordinator::{EmbeddedQueue, JobState};
+use relayfarm_core::{parse_prompt_set, JobId, JobSpec, RenderParams};
+use relayfarm_models::pipeline::{PipelineOptions, StepEvent};
+use relayfarm_models::RunDtype;
+use relayfarm_worker::contact_sheet::contact_sheet;
+use relayfarm_worker::result_store::write_atomic;
+use relayfarm_worker::runner::RenderJob;
+use relayfarm_worker::{LocalResultStore, PipelineRunner};
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+/// The tiny random-weight PixArt-Σ folder that ships with the repository: it proves the whole
+/// path (tokenizer → T5 → DiT → DPM-Solver → VAE → PNG), not the pictures.
+pub const BUNDLED_MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/pixart-sigma-tiny");
+
+/// Arguments of `relayfarm render`.
+#[derive(Args, Debug)]
+pub struct RenderArgs {
+    /// Diffusers pipeline folder (the one with model_index.json). Default: the tiny
+    /// random-weight PixArt-Σ folder bundled with relayfarm (proves the path, not the pictures).
+    #[arg(long, env = "RELAYFARM_MODEL")]
+    pub model: Option<PathBuf>,
+    /// The prompt (one image).
+    #[arg(long, conflicts_with = "prompts", required_unless_present = "prompts")]
+    pub prompt: Option<String>,
+    /// A prompt set: one prompt per line, or JSON Lines with per-line overrides
+    /// (`{"prompt": "...", "seed": 3, "steps": 10, "height": 512, "width": 768, "negative_prompt": "...", "guidance": 4.5, "name": "file-stem"}`).
+    #[arg(long)]
+    pub prompts: Option<PathBuf>,
+    /// Negative prompt (default "").
+    #[arg(long, env = "RELAYFARM_NEGATIVE_PROMPT")]
+    pub negative_prompt: Option<String>,
+    /// Output height in pixels (default: the model's size, 1024 for PixArt-Σ 1024-MS).
+    #[arg(long)]
+    pub height: Option<u32>,
+    /// Output width in pixels (default: the model's size).
+    #[arg(long)]
+    pub width: Option<u32>,
+    /// Denoising steps (default 20).
+    #[arg(long, env = "RELAYFARM_STEPS")]
+    pub steps: Option<u32>,
+    /// Guidance scale (default 4.5; ≤ 1 turns classifier-free guidance off).
+    #[arg(long, env = "RELAYFARM_GUIDANCE")]
+    pub guidance: Option<f64>,
+    /// Noise seed (default: random, printed and stored in the PNG). With --prompts, image i
+    /// uses seed + i unless its line sets one.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Safetensors file whose tensor `latents` is the raw standard-normal initial noise in the
+    /// latent shape [1, 4, H/8, W/8] (scaled by the scheduler's init sigma, like diffusers' `latents=`).
+    #[arg(long, conflicts_with = "prompts")]
+    pub latents: Option<PathBuf>,
+    /// Write the final latents (before VAE decoding) as f32 tensor `latents` to this file.
+    #[arg(long, conflicts_with = "prompts")]
+    pub save_latents: Option<PathBuf>,
+    /// Generate at exactly --height × --width instead of the closest aspect-ratio bin.
+    #[arg(long)]
+    pub no_resolution_binning: bool,
+    /// Run dtype.
+    #[arg(long, env = "RELAYFARM_DTYPE", default_value = "f32", value_parser = ["f32", "f16", "bf16"])]
+    pub dtype: String,
+    /// Output PNG for --prompt (default: relayfarm-<seed>.png).
+    #[arg(long, conflicts_with = "prompts")]
+    pub output: Option<PathBuf>,
+    /// Output folder for --prompts; images already there are skipped (resumable).
+    #[arg(long, default_value = "relayfarm-out")]
+    pub out_dir: PathBuf,
+    /// Use this transformer folder instead of the pipeline's (e.g. PixArt-Sigma-XL-2-2K-MS/transformer
+    /// with the 1024-MS pipeline's T5 and VAE).
+    #[arg(long)]
+    pub transformer: Option<PathBuf>,
+    /// Prefer this weight variant (e.g. fp16) when a folder has several.
+    #[arg(long)]
+    pub variant: Option<String>,
+    /// Device: cpu, or cuda:N (needs a build with --features cuda).
+    #[arg(long, env = "RELAYFARM_DEVICE", default_value = "cpu")]
+    pub device: String,
+    /// Worker threads for the CPU backend (default: all cores).
+    #[arg(long, env = "RELAYFARM_THREADS")]
+    pub threads: Option<usize>,
+    /// Hide the progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+fn parse_device(s: &str) -> Result<Device> {
+    if s == "cpu" {
+        return Ok(Device::Cpu);
+    }
+    if let Some(n) = s.strip_prefix("cuda:").or_else(|| (s == "cuda").then_some("0")) {
+        let n: usize = n.parse().map_err(|_| anyhow!("--device {s}: expected cpu or cuda:N"))?;
+        return Device::new_cuda(n).map_err(|e| {
+            anyhow!("--device {s}: CUDA is not available ({e}); this binary needs `--features cuda` and a GPU, or use --device cpu")
+        });
+    }
+    bail!("--device {s}: expected cpu or cuda:N")
+}
+
+fn model_dir(args: &RenderArgs) -> Result<(PathBuf, String)> {
+    match &args.model {
+        Some(m) => Ok((m.clone(), m.display().to_string())),
+        None => {
+            let p = PathBuf::from(BUNDLED_MODEL);
+            if !p.is_dir() {
+                bail!("no --model given and the bundled tiny model is not at {BUNDLED_MODEL}; pass --model DIR (a diffusers PixArt-Sigma folder)");
+            }
+            Ok((p, "pixart-sigma-tiny (bundled, random weights)".into()))
+        }
+    }
+}
+
+fn load_latents(path: &Path) -> Result<Tensor> {
+    let tensors = candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| {
+        anyhow!("--latents {}: cannot read it as safetensors ({e}); write a safetensors file with an f32 tensor named `latents`", path.display())
+    })?;
+    let names: Vec<_> = tensors.keys().cloned().collect();
+    tensors.get("latents").cloned().ok_or_else(|| {
+        anyhow!("--latents {}: no tensor named `latents` (found: {names:?})", path.display())
+    })
+}
+
+fn random_seed() -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    relayfarm_models::pipeline::noise::SplitMix64::new(t ^ (std::process::id() as u64) << 32).next_u64() >> 11
+}
+
+/// Runs `relayfarm render`.
+pub fn run(args: RenderArgs) -> Result<ExitCode> {
+    if let Some(n) = args.threads {
+        rayon_threads(n)?;
+    }
+    let dtype: RunDtype = args.dtype.parse().map_err(|e: String| anyhow!(e))?;
+    let device = parse_device(&args.device)?;
+    let latents = args.latents.as_deref().map(load_latents).transpose()?;
+    // Read the prompt set before loading the model, so a bad file fails fast.
+    let prompt_set = match &args.prompts {
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("--prompts {}: cannot read the file", p.display()))?;
+            Some(parse_prompt_set(&text).with_context(|| format!("--prompts {}", p.display()))?)
+        }
+        None => None,
+    };
+    let (dir, model_name) = model_dir(&args)?;
+    let opts = PipelineOptions {
+        variant: args.variant.clone(),
+        transformer_dir: args.transformer.clone(),
+        ..PipelineOptions::cpu(dtype)
+    };
+    let opts = PipelineOptions { device, ..opts };
+    let started = std::time::Instant::now();
+    let runner = PipelineRunner::load(&dir, &model_name, &opts)
+        .with_context(|| format!("loading model {}", dir.display()))?;
+    tracing::info!(seconds = started.elapsed().as_secs_f64(), "model loaded");
+    let base_seed = args.seed.unwrap_or_else(random_seed);
+    match prompt_set {
+        None => render_one(&args, &runner, latents, base_seed),
+        Some(set) => render_set(&args, &runner, set, base_seed),
+    }
+}
+
+fn rayon_threads(n: usize) -> Result<()> {
+    // candle's CPU kernels use the global rayon pool (and honour RAYON_NUM_THREADS).
+    std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    Ok(())
+}
+
+fn step_bar(quiet: bool, total: u64, prefix: String) -> ProgressBar {
+    if quiet {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template("{prefix} [{elapsed_precise}] {bar:30} {pos}/{len} steps {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.set_prefix(prefix);
+    bar
+}
+
+fn job_from(args: &RenderArgs, prompt: &str, params: &RenderParams, seed: u64) -> RenderJob {
+    RenderJob {
+        prompt: prompt.to_string(),
+        negative_prompt: params.negative_prompt.clone(),
+        height: params.height,
+        width: params.width,
+        steps: params.steps,
+        guidance: params.guidance,
+        seed: params.seed.unwrap_or(seed),
+        latents: None,
+        resolution_binning: !args.no_resolution_binning,
+    }
+}
+
+fn defaults(args: &RenderArgs) -> RenderParams {
+    RenderParams {
+        negative_prompt: args.negative_prompt.clone(),
+        height: args.height,
+        width: args.width,
+        steps: args.steps,
+        guidance: args.guidance,
+        seed: None,
+    }
+}
+
+fn render_one(args: &RenderArgs, runner: &PipelineRunner, latents: Option<Tensor>, seed: u64) -> Result<ExitCode> {
+    let prompt = args.prompt.as_deref().unwrap_or_default();
+    let mut job = job_from(args, prompt, &defaults(args), seed);
+    job.latents = latents;
+    runner.validate(&job)?;
+    let steps = runner.request(&job).steps as u64;
+    let bar = step_bar(args.quiet, steps, "render".into());
+    let mut observer = |e: StepEvent| {
+        bar.set_position(e.step as u64);
+        bar.set_message(format!("t={}", e.timestep));
+        ControlFlow::Continue(())
+    };
+    let span = tracing::info_span!("job", seed = job.seed);
+    let out = span.in_scope(|| runner.run(&job, &mut observer))?;
+    bar.finish_and_clear();
+    let path = args
+        .output
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("relayfarm-{}.png", job.seed)));
+    write_atomic(&path, &out.png).with_context(|| format!("writing {}", path.display()))?;
+    if let Some(p) = &args.save_latents {
+        let l = out.latents.to_dtype(candle_core::DType::F32)?;
+        candle_core::safetensors::save(&[("latents", l)].into_iter().collect(), p)
+            .with_context(|| format!("--save-latents {}", p.display()))?;
+    }
+    println!(
+        "{} ({}x{}, seed {}, {} steps, guidance {})",
+        path.display(),
+        out.metadata.width,
+        out.metadata.height,
+        out.metadata.seed,
+        out.metadata.steps,
+        out.metadata.guidance
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A file-name-safe slug of a prompt.
+fn slug(prompt: &str) -> String {
+    let mut s: String = prompt
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' })
+        .collect();
+    while s.contains("--") {
+        s = s.replace("--", "-");
+    }
+    let s = s.trim_matches('-');
+    let s: String = s.chars().take(40).collect();
+    if s.is_empty() { "image".into() } else { s.trim_end_matches('-').to_string() }
+}
+
+fn render_set(
+    args: &RenderArgs,
+    runner: &PipelineRunner,
+    set: Vec<relayfarm_core::PromptLine>,
+    base_seed: u64,
+) -> Result<ExitCode> {
+    let store = LocalResultStore::open(&args.out_dir)
+        .with_context(|| format!("--out-dir {}: cannot create it", args.out_dir.display()))?;
+    let batch_defaults = defaults(args);
+    // Validate every line before rendering anything.
+    let mut errors = Vec::new();
+    let mut specs = Vec::new();
+    for (i, line) in set.iter().enumerate() {
+        let params = line.params.or(&batch_defaults);
+        let job = job_from(args, &line.prompt, &params, base_seed.wrapping_add(i as u64));
+        if let Err(e) = runner.validate(&job) {
+            errors.push(format!("line {}: {e}", line.line));
+        }
+        let file = match &line.name {
+            Some(n) => format!("{n}.png"),
+            None => format!("{:05}-{}.png", i, slug(&line.prompt)),
+        };
+        specs.push((
+            JobSpec {
+                id: JobId(file.clone()),
+                index: i,
+                prompt: line.prompt.clone(),
+                params: RenderParams { seed: Some(job.seed), ..params },
+                name: line.name.clone(),
+            },
+            job,
+        ));
+    }
+    if !errors.is_empty() {
+        bail!("the prompt set has {} invalid line(s); nothing was rendered:\n  {}", errors.len(), errors.join("\n  "));
+    }
+    let mut queue = EmbeddedQueue::new();
+    let mut jobs = std::collections::HashMap::new();
+    for (spec, job) in specs {
+        if store.contains(&spec.id.0) {
+            queue.push_done(spec.clone(), store.path(&spec.id.0).display().to_string());
+        } else if !queue.push(spec.clone()) {
+            bail!("two lines of the prompt set write the same file {}: give them different names", spec.id);
+        }
+        jobs.insert(spec.id.clone(), job);
+    }
+    let summary = queue.summary();
+    let total = (summary.pending + summary.skipped) as u64;
+    if summary.skipped > 0 {
+        eprintln!("resuming: {} of {} images already in {}", summary.skipped, total, store.dir().display());
+    }
+    let bar = if args.quiet { ProgressBar::hidden() } else { ProgressBar::new(total) };
+    bar.set_style(
+        ProgressStyle::with_template("[{elapsed_precise}] {bar:30} {pos}/{len} images (eta {eta}) {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.set_position(summary.skipped as u64);
+    while let Some(spec) = queue.claim() {
+        let Some(job) = jobs.get(&spec.id) else { continue };
+        let span = tracing::info_span!("job", id = %spec.id, seed = job.seed);
+        let mut observer = |e: StepEvent| {
+            bar.set_message(format!("{} step {}/{}", spec.id, e.step, e.total));
+            ControlFlow::Continue(())
+        };
+        match span.in_scope(|| runner.run(job, &mut observer)) {
+            Ok(out) => match store.put(&spec.id.0, &out.png) {
+                Ok(path) => {
+                    queue.complete(&spec.id, path.display().to_string());
+                }
+                Err(e) => queue.fail(&spec.id, format!("cannot write the image: {e}")),
+            },
+            Err(e) => {
+                tracing::error!(id = %spec.id, error = %e, "job failed");
+                queue.fail(&spec.id, e.to_string());
+            }
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let mut images = Vec::new();
+    let mut failures = Vec::new();
+    for (spec, state) in queue.jobs() {
+        match state {
+            JobState::Done(p) | JobState::Skipped(p) => images.push((spec.index, PathBuf::from(p))),
+            JobState::Failed(r) => failures.push(format!("{}: {r}", spec.id)),
+            JobState::Pending | JobState::Running => failures.push(format!("{}: not run", spec.id)),
+        }
+    }
+    images.sort();
+    let paths: Vec<&Path> = images.iter().map(|(_, p)| p.as_path()).collect();
+    if !paths.is_empty() {
+        let sheet = contact_sheet(&paths, 256, None);
+        let sheet_path = store.path("contact-sheet.png");
+        sheet
+            .save(&sheet_path)
+            .with_context(|| format!("writing {}", sheet_path.display()))?;
+    }
+    let s = queue.summary();
+    println!(
+        "{}: {} rendered, {} already there, {} failed; contact sheet {}",
+        store.dir().display(),
+        s.done,
+        s.skipped,
+        s.failed,
+        store.path("contact-sheet.png").display()
+    );
+    if failures.is_empty() {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("failed jobs:\n  {}", failures.join("\n  "));
+        Ok(ExitCode::from(1))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::slug;
+
+    #[test]
+    fn slugs() {
+        assert_eq!(slug("A Red Cabin, at night!"), "a-red-cabin-at-night");
+        assert_eq!(slug("一只猫"), "image");
+    }
+}
