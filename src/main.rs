@@ -2,6 +2,7 @@
 //!
 //! `relayfarm render` runs a whole pipeline in this process (no Redis, no cluster).
 
+mod hub;
 mod logging;
 mod render;
 

@@ -24,7 +24,8 @@ pub const BUNDLED_MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixt
 /// Arguments of `relayfarm render`.
 #[derive(Args, Debug)]
 pub struct RenderArgs {
-    /// Diffusers pipeline folder (the one with model_index.json). Default: the tiny
+    /// Diffusers pipeline folder (the one with model_index.json), or a hub id (`org/name`,
+    /// downloaded when the network allows). Default: the tiny
     /// random-weight PixArt-Σ folder bundled with relayfarm (proves the path, not the pictures).
     #[arg(long, env = "RELAYFARM_MODEL")]
     pub model: Option<PathBuf>,
@@ -106,6 +107,10 @@ fn parse_device(s: &str) -> Result<Device> {
 
 fn model_dir(args: &RenderArgs) -> Result<(PathBuf, String)> {
     match &args.model {
+        Some(m) if !m.exists() && crate::hub::looks_like_repo_id(&m.to_string_lossy()) => {
+            let id = m.to_string_lossy().into_owned();
+            Ok((crate::hub::download(&id)?, id))
+        }
         Some(m) => Ok((m.clone(), m.display().to_string())),
         None => {
             let p = PathBuf::from(BUNDLED_MODEL);

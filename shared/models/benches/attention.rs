@@ -1,31 +1,55 @@
 //! Attention timings: the candle-op path vs the fused CPU kernel.
 //!
 //! `RAYON_NUM_THREADS=2 cargo bench -p relayfarm-models --bench attention`
-//! prints one JSON line `{"name", "median_s"}` per case; compare with
+//! prints one JSON line `{"name", "median_s", "cpu_s_per_run"}` per case (`BENCH_FILTER=substring`
+//! picks cases, `BENCH_ITERS` sets the runs); compare with
 //! `scripts/bench_attention_reference.py` (PyTorch, same shapes and names with a `torch_` prefix).
 
 use std::time::Instant;
 
 use candle_core::{Device, Result, Tensor};
-use relayfarm_models::nn::attention::{fused_cpu_attention, naive_attention};
+use relayfarm_models::nn::attention::{
+    fused_cpu_attention, fused_cpu_attention_portable, naive_attention,
+};
 
-fn median_s(iters: usize, mut f: impl FnMut() -> Result<Tensor>) -> Result<f64> {
+/// CPU time of every thread of this process so far (Linux `schedstat`; 0 elsewhere).
+fn process_cpu_s() -> f64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0.0;
+    };
+    let ns: u64 = tasks
+        .filter_map(|t| t.ok())
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum();
+    ns as f64 * 1e-9
+}
+
+/// Median wall time of `iters` runs after one warm-up, and the mean CPU time (all threads) per
+/// run, which is less sensitive to other processes competing for the cores.
+fn measure(iters: usize, f: impl Fn() -> Result<Tensor>) -> Result<(f64, f64)> {
     f()?;
     let mut times = Vec::with_capacity(iters);
+    let cpu0 = process_cpu_s();
     for _ in 0..iters {
         let t0 = Instant::now();
         let out = f()?;
         times.push(t0.elapsed().as_secs_f64());
         drop(out);
     }
+    let cpu = (process_cpu_s() - cpu0) / iters as f64;
     times.sort_by(f64::total_cmp);
-    Ok(times[times.len() / 2])
+    Ok((times[times.len() / 2], cpu))
 }
 
-fn report(name: &str, median: f64) {
+fn selected(name: &str) -> bool {
+    std::env::var("BENCH_FILTER").map_or(true, |f| name.contains(&f))
+}
+
+fn report(name: &str, (median, cpu): (f64, f64)) {
     println!(
         "{}",
-        serde_json::json!({ "name": name, "median_s": median })
+        serde_json::json!({ "name": name, "median_s": median, "cpu_s_per_run": cpu })
     );
 }
 
@@ -49,30 +73,39 @@ fn main() -> Result<()> {
     }
     let mask = Tensor::from_vec(mask, (b, 1, 1, lk), &dev)?;
 
+    type Case<'a> = (String, Box<dyn Fn() -> Result<Tensor> + 'a>);
     let self_name = "self_2x16x1024x72";
     let cross_name = "cross_2x16x1024x300x72_mask";
-    let skip_naive = std::env::var("BENCH_SKIP_NAIVE").is_ok();
-    if !skip_naive {
-        report(
-            &format!("naive_{self_name}"),
-            median_s(iters, || naive_attention(&q, &k, &v, None, scale))?,
-        );
+    let cases: Vec<Case> = vec![
+        (
+            format!("naive_{self_name}"),
+            Box::new(|| naive_attention(&q, &k, &v, None, scale)),
+        ),
+        (
+            format!("fused_{self_name}"),
+            Box::new(|| fused_cpu_attention(&q, &k, &v, None, scale)),
+        ),
+        (
+            format!("fused_portable_{self_name}"),
+            Box::new(|| fused_cpu_attention_portable(&q, &k, &v, None, scale)),
+        ),
+        (
+            format!("naive_{cross_name}"),
+            Box::new(|| naive_attention(&q, &kc, &vc, Some(&mask), scale)),
+        ),
+        (
+            format!("fused_{cross_name}"),
+            Box::new(|| fused_cpu_attention(&q, &kc, &vc, Some(&mask), scale)),
+        ),
+        (
+            format!("fused_portable_{cross_name}"),
+            Box::new(|| fused_cpu_attention_portable(&q, &kc, &vc, Some(&mask), scale)),
+        ),
+    ];
+    for (name, f) in &cases {
+        if selected(name) {
+            report(name, measure(iters, f)?);
+        }
     }
-    report(
-        &format!("fused_{self_name}"),
-        median_s(iters, || fused_cpu_attention(&q, &k, &v, None, scale))?,
-    );
-    if !skip_naive {
-        report(
-            &format!("naive_{cross_name}"),
-            median_s(iters, || naive_attention(&q, &kc, &vc, Some(&mask), scale))?,
-        );
-    }
-    report(
-        &format!("fused_{cross_name}"),
-        median_s(iters, || {
-            fused_cpu_attention(&q, &kc, &vc, Some(&mask), scale)
-        })?,
-    );
     Ok(())
 }

@@ -89,8 +89,8 @@ fn sample_uses_exp_half_logvar() {
     let posterior = vae.encode(&exp["image"]).unwrap();
     let noise = Tensor::ones(posterior.mean().dims(), DType::F32, &Device::Cpu).unwrap();
     let s = posterior.sample(&noise).unwrap();
-    let want = (&exp["encoded_mean"] + (&exp["encoded_logvar"] * 0.5).unwrap().exp().unwrap())
-        .unwrap();
+    let want =
+        (&exp["encoded_mean"] + (&exp["encoded_logvar"] * 0.5).unwrap().exp().unwrap()).unwrap();
     assert!(rel_err(&s, &want) <= 1e-4);
 }
 
@@ -156,7 +156,10 @@ fn config_errors_name_the_field() {
             "up_block_types",
         ),
         (r#"{"act_fn": "gelu"}"#, "act_fn"),
-        (r#"{"block_out_channels": [48], "norm_num_groups": 32}"#, "block_out_channels"),
+        (
+            r#"{"block_out_channels": [48], "norm_num_groups": 32}"#,
+            "block_out_channels",
+        ),
     ];
     for (json, field) in cases {
         match parse(json).validate() {

@@ -221,7 +221,12 @@ impl KvCompress {
                     .sum(2)?
                     .broadcast_add(&conv.bias)?
                     .reshape((b, nh * nw, c))?;
-                candle_nn::ops::layer_norm(&pooled, &conv.norm_weight, &conv.norm_bias, NORM_EPS)?
+                super::fused::layer_norm_modulate(
+                    &pooled,
+                    &conv.norm_weight,
+                    &conv.norm_bias,
+                    NORM_EPS,
+                )?
             }
             (KvSampling::Conv, None) => {
                 return Err(ModelError::invalid(

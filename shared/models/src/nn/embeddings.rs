@@ -124,7 +124,7 @@ pub fn get_2d_sincos_pos_embed(
     base_size: usize,
     interpolation_scale: f64,
 ) -> Result<Vec<f32>> {
-    if embed_dim % 4 != 0 {
+    if !embed_dim.is_multiple_of(4) {
         return Err(crate::ModelError::invalid(
             "embed_dim",
             format!("2-D sin-cos positions need a multiple of 4, got {embed_dim}"),
@@ -185,6 +185,7 @@ pub fn sincos_pos_embed_2d_tensor(
 }
 
 #[cfg(test)]
+#[allow(clippy::excessive_precision)] // reference values printed by Python
 mod tests {
     use super::*;
 
@@ -274,7 +275,13 @@ mod tests {
         let dev = Device::Cpu;
         let ts = Timesteps::new(5, false, 1.0, &dev).unwrap();
         let t = Tensor::new(&[2f32], &dev).unwrap();
-        let got: Vec<f32> = ts.forward(&t).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let got: Vec<f32> = ts
+            .forward(&t)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         // half = 2, shift 1: f = [1, exp(-ln 1e4)] = [1, 1e-4]
         let want = [
             2f32.sin(),

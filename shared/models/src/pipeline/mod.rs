@@ -5,8 +5,10 @@
 
 pub mod aspect_ratio_bins;
 pub mod noise;
-// pub mod pixart_sigma; (enabled once its components land)
+pub mod pixart_sigma;
 pub mod resolution;
+
+pub use pixart_sigma::{PipelineOptions, PixArtSigmaPipeline};
 
 use candle_core::Tensor;
 use std::ops::ControlFlow;

@@ -19,7 +19,7 @@ use super::resolution::{bin_table_for_sample_size, classify_height_width_bin, re
 use super::{GenerateRequest, Generated, SizePlan, StepEvent, StepObserver};
 use crate::checkpoint::{ComponentFolder, PipelineFolder};
 use crate::denoiser::pixart::{PixArtOptions, PixArtTransformer};
-use crate::scheduler::{self, Scheduler};
+use crate::scheduler;
 use crate::text_encoder::t5::T5Encoder;
 use crate::tokenizer::t5::T5Tokenizer;
 use crate::vae::autoencoder_kl::AutoencoderKL;
@@ -311,7 +311,7 @@ impl PixArtSigmaPipeline {
         let timesteps = sched.timesteps().to_vec();
         let dt = self.dtype.dtype();
         let in_ch = self.latent_channels();
-        let out_ch = self.transformer.config().out_channels;
+        let out_ch = self.transformer.out_channels();
         let enc = embeds.embeds.to_dtype(dt)?;
         let batch = enc.dim(0)?;
         let mut latents = noise.to_dtype(DType::F32)?.affine(sched.init_noise_sigma(), 0.0)?;

@@ -51,7 +51,10 @@ pub struct DpmSolverConfig {
     #[serde(default)]
     pub thresholding: bool,
     /// Thresholding percentile (unused: thresholding is off).
-    #[serde(default = "default_thresholding_ratio", deserialize_with = "lenient_f64")]
+    #[serde(
+        default = "default_thresholding_ratio",
+        deserialize_with = "lenient_f64"
+    )]
     pub dynamic_thresholding_ratio: f64,
     /// Thresholding bound (unused: thresholding is off).
     #[serde(default = "default_one", deserialize_with = "lenient_f64")]
@@ -227,7 +230,7 @@ enum SolverType {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Prediction {
     Epsilon,
-    VPrediction,
+    Velocity,
     Sample,
 }
 
@@ -254,8 +257,9 @@ struct Settings {
 impl DpmSolverConfig {
     /// Parses `scheduler_config.json` text (Python's `-Infinity`/`NaN` tokens are accepted).
     pub fn from_json_str(text: &str) -> Result<Self> {
-        let value = super::parse_python_json(text)
-            .map_err(|e| ModelError::corrupt("scheduler_config.json", format!("invalid JSON: {e}")))?;
+        let value = super::parse_python_json(text).map_err(|e| {
+            ModelError::corrupt("scheduler_config.json", format!("invalid JSON: {e}"))
+        })?;
         Self::from_value(value)
     }
 
@@ -308,7 +312,7 @@ impl DpmSolverConfig {
         }
         let prediction = match self.prediction_type.as_str() {
             "epsilon" => Prediction::Epsilon,
-            "v_prediction" => Prediction::VPrediction,
+            "v_prediction" => Prediction::Velocity,
             "sample" => Prediction::Sample,
             other => {
                 return Err(unsupported(
@@ -366,7 +370,13 @@ impl DpmSolverConfig {
                     "\"zero\", \"sigma_min\"",
                 ))
             }
-            None => return Err(unsupported("final_sigmas_type", "null", "\"zero\", \"sigma_min\"")),
+            None => {
+                return Err(unsupported(
+                    "final_sigmas_type",
+                    "null",
+                    "\"zero\", \"sigma_min\"",
+                ))
+            }
         };
         if algorithm == Algorithm::DpmSolver && final_sigma_zero {
             return Err(unsupported(
@@ -391,7 +401,11 @@ impl DpmSolverConfig {
             }
         };
         if self.lambda_min_clipped.is_nan() {
-            return Err(unsupported("lambda_min_clipped", "NaN", "a number or -Infinity"));
+            return Err(unsupported(
+                "lambda_min_clipped",
+                "NaN",
+                "a number or -Infinity",
+            ));
         }
         Ok(Settings {
             beta_schedule,
@@ -433,7 +447,11 @@ fn torch_linspace_f32(start: f64, end: f64, n: usize) -> Vec<f32> {
 
 /// diffusers `betas_for_alpha_bar` with the cosine transform (computed in f64, stored in f32).
 fn cosine_betas(n: usize) -> Vec<f32> {
-    let alpha_bar = |t: f64| ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0).cos().powi(2);
+    let alpha_bar = |t: f64| {
+        ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0)
+            .cos()
+            .powi(2)
+    };
     (0..n)
         .map(|i| {
             let t1 = i as f64 / n as f64;
@@ -494,7 +512,8 @@ fn np_linspace(start: f64, stop: f64, num: usize) -> Vec<f64> {
 /// values `start + i·d` with `d = (start + step) − start`, as numpy fills them.
 fn np_arange(start: f64, stop: f64, step: f64) -> Vec<f64> {
     let len = ((stop - start) / step).ceil();
-    if !(len > 0.0) {
+    // NaN (a zero step) or a non-positive length: empty, as numpy.
+    if len.is_nan() || len <= 0.0 {
         return vec![];
     }
     let len = len as usize;
@@ -711,10 +730,12 @@ impl DpmSolverMultistepScheduler {
             .iter()
             .map(|&s| {
                 let t = sigma_to_t(s, &log_sigmas);
+                // The reference rounds (except for the cosine schedule), then casts to int64,
+                // which truncates whatever was not rounded.
                 if round {
                     t.round_ties_even()
                 } else {
-                    t
+                    t.trunc()
                 }
             })
             .collect();
@@ -730,12 +751,12 @@ impl DpmSolverMultistepScheduler {
                 lin2(1.0 / alpha_t, x, -sigma_t / alpha_t, m)?
             }
             (Algorithm::DpmSolverPp, Prediction::Sample) => m.clone(),
-            (Algorithm::DpmSolverPp, Prediction::VPrediction) => lin2(alpha_t, x, -sigma_t, m)?,
+            (Algorithm::DpmSolverPp, Prediction::Velocity) => lin2(alpha_t, x, -sigma_t, m)?,
             (Algorithm::DpmSolver, Prediction::Epsilon) => m.clone(),
             (Algorithm::DpmSolver, Prediction::Sample) => {
                 lin2(1.0 / sigma_t, x, -alpha_t / sigma_t, m)?
             }
-            (Algorithm::DpmSolver, Prediction::VPrediction) => lin2(alpha_t, m, sigma_t, x)?,
+            (Algorithm::DpmSolver, Prediction::Velocity) => lin2(alpha_t, m, sigma_t, x)?,
         };
         Ok(out)
     }
@@ -745,14 +766,18 @@ impl DpmSolverMultistepScheduler {
         let (alpha_s, sigma_s) = alpha_sigma(self.sigmas[i]);
         let h = lambda(alpha_t, sigma_t) - lambda(alpha_s, sigma_s);
         match self.settings.algorithm {
-            Algorithm::DpmSolverPp => {
-                lin2(sigma_t / sigma_s, x, -alpha_t * ((-h).exp() - 1.0), m0)
-            }
+            Algorithm::DpmSolverPp => lin2(sigma_t / sigma_s, x, -alpha_t * ((-h).exp() - 1.0), m0),
             Algorithm::DpmSolver => lin2(alpha_t / alpha_s, x, -sigma_t * (h.exp() - 1.0), m0),
         }
     }
 
-    fn second_order_update(&self, m0: &Tensor, m1: &Tensor, x: &Tensor, i: usize) -> Result<Tensor> {
+    fn second_order_update(
+        &self,
+        m0: &Tensor,
+        m1: &Tensor,
+        x: &Tensor,
+        i: usize,
+    ) -> Result<Tensor> {
         let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[i + 1]);
         let (alpha_s0, sigma_s0) = alpha_sigma(self.sigmas[i]);
         let (alpha_s1, sigma_s1) = alpha_sigma(self.sigmas[i - 1]);
@@ -845,7 +870,12 @@ impl Scheduler for DpmSolverMultistepScheduler {
         Ok(sample)
     }
 
-    fn step(&mut self, model_output: &Tensor, step_index: usize, sample: &Tensor) -> Result<Tensor> {
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        step_index: usize,
+        sample: &Tensor,
+    ) -> Result<Tensor> {
         let n = self.timesteps.len();
         if n == 0 {
             return Err(ModelError::invalid(
@@ -884,8 +914,7 @@ impl Scheduler for DpmSolverMultistepScheduler {
         while self.model_outputs.len() > cfg.solver_order {
             self.model_outputs.remove(0);
         }
-        let first_order =
-            cfg.solver_order == 1 || self.lower_order_nums < 1 || lower_order_final;
+        let first_order = cfg.solver_order == 1 || self.lower_order_nums < 1 || lower_order_final;
         let prev = match self.model_outputs.as_slice() {
             [.., m1, m0] if !first_order => self.second_order_update(m0, m1, &x, step_index)?,
             [.., m0] => self.first_order_update(m0, &x, step_index)?,

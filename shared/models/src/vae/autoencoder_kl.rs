@@ -227,7 +227,11 @@ impl AutoencoderKLConfig {
                 .iter()
                 .find(|t| t.strip_prefix("UNetRes").unwrap_or(t) != want)
             {
-                return Err(unsupported(field, bad, format!("supported values: \"{want}\"")));
+                return Err(unsupported(
+                    field,
+                    bad,
+                    format!("supported values: \"{want}\""),
+                ));
             }
         }
         if self.norm_num_groups == 0 {
@@ -289,7 +293,10 @@ impl DiagonalGaussian {
             _ => {
                 return Err(ModelError::invalid(
                     "moments",
-                    format!("expected an even channel count, got shape {:?}", moments.dims()),
+                    format!(
+                        "expected an even channel count, got shape {:?}",
+                        moments.dims()
+                    ),
                 ))
             }
         };

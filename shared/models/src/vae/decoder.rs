@@ -4,7 +4,8 @@
 //! `unets/unet_2d_blocks.py` (`UpDecoderBlock2D`).
 
 use super::autoencoder_kl::AutoencoderKLConfig;
-use super::resnet::{conv_same, GroupNorm, MidBlock2D, ResnetBlock2D, Upsample2D};
+use super::group_norm::GroupNorm;
+use super::resnet::{conv_same, MidBlock2D, ResnetBlock2D, Upsample2D, VAE_NORM_EPS};
 use crate::Result;
 use candle_core::{Module, Tensor};
 use candle_nn::{Conv2d, VarBuilder};
@@ -89,7 +90,7 @@ impl Decoder {
             )?);
         }
         let bottom = cfg.block_out_channels[0];
-        let conv_norm_out = GroupNorm::new(groups, bottom, vb.pp("conv_norm_out"))?;
+        let conv_norm_out = GroupNorm::new(groups, bottom, VAE_NORM_EPS, vb.pp("conv_norm_out"))?;
         let conv_out = conv_same(bottom, cfg.out_channels, 3, vb.pp("conv_out"))?;
         Ok(Decoder {
             conv_in,

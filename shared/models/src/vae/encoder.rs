@@ -4,7 +4,8 @@
 //! `unets/unet_2d_blocks.py` (`DownEncoderBlock2D`).
 
 use super::autoencoder_kl::AutoencoderKLConfig;
-use super::resnet::{conv_same, Downsample2D, GroupNorm, MidBlock2D, ResnetBlock2D};
+use super::group_norm::GroupNorm;
+use super::resnet::{conv_same, Downsample2D, MidBlock2D, ResnetBlock2D, VAE_NORM_EPS};
 use crate::Result;
 use candle_core::{Module, Tensor};
 use candle_nn::{Conv2d, VarBuilder};
@@ -95,7 +96,7 @@ impl Encoder {
             cfg.mid_block_add_attention,
             vb.pp("mid_block"),
         )?;
-        let conv_norm_out = GroupNorm::new(groups, last, vb.pp("conv_norm_out"))?;
+        let conv_norm_out = GroupNorm::new(groups, last, VAE_NORM_EPS, vb.pp("conv_norm_out"))?;
         let conv_out = conv_same(last, 2 * cfg.latent_channels, 3, vb.pp("conv_out"))?;
         Ok(Encoder {
             conv_in,

@@ -6,6 +6,7 @@
 pub mod autoencoder_kl;
 mod decoder;
 mod encoder;
+mod group_norm;
 mod resnet;
 
 pub use autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig, DiagonalGaussian};

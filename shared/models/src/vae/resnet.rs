@@ -5,6 +5,7 @@
 //! `upsampling.py` (`Upsample2D`), `attention_processor.py` (`Attention` with `group_norm`,
 //! `AttnProcessor2_0`) and `unets/unet_2d_blocks.py` (`UNetMidBlock2D`).
 
+use super::group_norm::GroupNorm;
 use crate::nn::attention::scaled_dot_product_attention;
 use crate::Result;
 use candle_core::{DType, Module, Tensor};
@@ -17,30 +18,6 @@ pub(crate) const VAE_NORM_EPS: f64 = 1e-6;
 /// mid-block attention at 1024² and above never materialises the full `L × L` matrix.
 const MAX_SCORE_ELEMENTS: usize = 1 << 26;
 
-/// Group normalisation (affine), optionally followed by SiLU.
-#[derive(Debug, Clone)]
-pub(crate) struct GroupNorm {
-    inner: candle_nn::GroupNorm,
-}
-
-impl GroupNorm {
-    /// `num_groups` groups over `channels` channels, weights `weight`/`bias` under `vb`.
-    pub(crate) fn new(num_groups: usize, channels: usize, vb: VarBuilder) -> Result<Self> {
-        let inner = candle_nn::group_norm(num_groups, channels, VAE_NORM_EPS, vb)?;
-        Ok(GroupNorm { inner })
-    }
-
-    /// Normalises `x` (`[B, C, ...]`) and applies SiLU when `silu` is set.
-    pub(crate) fn forward(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
-        let y = self.inner.forward(x)?;
-        if silu {
-            Ok(y.silu()?)
-        } else {
-            Ok(y)
-        }
-    }
-}
-
 /// A `k×k` convolution with bias, stride 1, "same" padding.
 pub(crate) fn conv_same(
     in_channels: usize,
@@ -52,7 +29,13 @@ pub(crate) fn conv_same(
         padding: kernel / 2,
         ..Default::default()
     };
-    Ok(candle_nn::conv2d(in_channels, out_channels, kernel, cfg, vb)?)
+    Ok(candle_nn::conv2d(
+        in_channels,
+        out_channels,
+        kernel,
+        cfg,
+        vb,
+    )?)
 }
 
 /// `ResnetBlock2D` without time embedding: `x + conv2(silu(gn2(conv1(silu(gn1(x))))))`, with a
@@ -75,9 +58,9 @@ impl ResnetBlock2D {
         groups: usize,
         vb: VarBuilder,
     ) -> Result<Self> {
-        let norm1 = GroupNorm::new(groups, in_channels, vb.pp("norm1"))?;
+        let norm1 = GroupNorm::new(groups, in_channels, VAE_NORM_EPS, vb.pp("norm1"))?;
         let conv1 = conv_same(in_channels, out_channels, 3, vb.pp("conv1"))?;
-        let norm2 = GroupNorm::new(groups, out_channels, vb.pp("norm2"))?;
+        let norm2 = GroupNorm::new(groups, out_channels, VAE_NORM_EPS, vb.pp("norm2"))?;
         let conv2 = conv_same(out_channels, out_channels, 3, vb.pp("conv2"))?;
         let conv_shortcut = if in_channels != out_channels {
             Some(conv_same(
@@ -180,7 +163,7 @@ pub(crate) struct VaeAttention {
 impl VaeAttention {
     /// Builds the attention block for `channels` channels.
     pub(crate) fn new(channels: usize, groups: usize, vb: VarBuilder) -> Result<Self> {
-        let group_norm = GroupNorm::new(groups, channels, vb.pp("group_norm"))?;
+        let group_norm = GroupNorm::new(groups, channels, VAE_NORM_EPS, vb.pp("group_norm"))?;
         let legacy = !vb.contains_tensor("to_q.weight") && vb.contains_tensor("query.weight");
         let names = if legacy {
             ["query", "key", "value", "proj_attn"]
@@ -214,9 +197,21 @@ impl VaeAttention {
             .contiguous()?;
         // The softmax runs in f32 whatever the run dtype (diffusers' `upcast_softmax`).
         let dtype = x.dtype();
-        let q = self.to_q.forward(&normed)?.to_dtype(DType::F32)?.unsqueeze(1)?;
-        let k = self.to_k.forward(&normed)?.to_dtype(DType::F32)?.unsqueeze(1)?;
-        let v = self.to_v.forward(&normed)?.to_dtype(DType::F32)?.unsqueeze(1)?;
+        let q = self
+            .to_q
+            .forward(&normed)?
+            .to_dtype(DType::F32)?
+            .unsqueeze(1)?;
+        let k = self
+            .to_k
+            .forward(&normed)?
+            .to_dtype(DType::F32)?
+            .unsqueeze(1)?;
+        let v = self
+            .to_v
+            .forward(&normed)?
+            .to_dtype(DType::F32)?
+            .unsqueeze(1)?;
         drop(normed);
         let scale = 1.0 / (self.channels as f64).sqrt();
         let chunk = (MAX_SCORE_ELEMENTS / len.max(1)).clamp(1, len.max(1));
@@ -262,11 +257,7 @@ impl MidBlock2D {
     ) -> Result<Self> {
         let resnet0 = ResnetBlock2D::new(channels, channels, groups, vb.pp("resnets.0"))?;
         let attention = if add_attention {
-            Some(VaeAttention::new(
-                channels,
-                groups,
-                vb.pp("attentions.0"),
-            )?)
+            Some(VaeAttention::new(channels, groups, vb.pp("attentions.0"))?)
         } else {
             None
         };
