@@ -1,7 +1,9 @@
 """PyTorch reference timings for the attention shapes in shared/models/benches/attention.rs.
 
 Run: RAYON_NUM_THREADS=2 /work/venv/bin/python scripts/bench_attention_reference.py
-Prints JSON lines {"name", "median_s"} with the same names as the Rust bench (prefixed "torch_").
+Prints JSON lines {"name", "median_s", "cpu_s_per_run"} with the same case names as the Rust bench
+(prefixed "torch_"); cpu_s_per_run (all threads) is the steadier figure when other processes load the
+machine.
 """
 
 import json
@@ -12,16 +14,19 @@ import torch
 import torch.nn.functional as F
 
 
-def median_time(fn, warmup=1, iters=5):
+def measure(fn, warmup=1, iters=5):
+    """Median wall time, and mean CPU time of the process (all threads) per run."""
     for _ in range(warmup):
         fn()
     times = []
+    cpu0 = time.process_time()
     for _ in range(iters):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
+    cpu = (time.process_time() - cpu0) / iters
     times.sort()
-    return times[len(times) // 2]
+    return times[len(times) // 2], cpu
 
 
 def main():
@@ -44,8 +49,11 @@ def main():
                 q, kc, vc, attn_mask=mask, scale=scale
             ),
         }
+        iters = int(os.environ.get("BENCH_ITERS", "5"))
         for name, fn in cases.items():
-            print(json.dumps({"name": f"torch_{name}", "median_s": median_time(fn)}), flush=True)
+            median, cpu = measure(fn, iters=iters)
+            row = {"name": f"torch_{name}", "median_s": median, "cpu_s_per_run": cpu}
+            print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":

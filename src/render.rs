@@ -10,7 +10,7 @@ use relayfarm_core::{parse_prompt_set, JobId, JobSpec, RenderParams};
 use relayfarm_models::pipeline::{PipelineOptions, StepEvent};
 use relayfarm_models::RunDtype;
 use relayfarm_worker::contact_sheet::contact_sheet;
-use relayfarm_worker::result_store::write_atomic;
+use relayfarm_core::write_atomic;
 use relayfarm_worker::runner::RenderJob;
 use relayfarm_worker::{LocalResultStore, PipelineRunner};
 use std::ops::ControlFlow;

@@ -1,14 +1,12 @@
 //! relayfarm worker: runs pipeline jobs on one device and stores the results.
 //!
 //! - [`png_output`]: PNG encoding with the generation metadata in text chunks;
-//! - [`result_store`]: where finished images go (a local folder; object storage next);
 //! - [`contact_sheet`]: a grid of thumbnails for a prompt set;
 //! - [`runner`]: a loaded pipeline plus the job → image path.
 
 pub mod contact_sheet;
 pub mod png_output;
-pub mod result_store;
 pub mod runner;
 
-pub use result_store::LocalResultStore;
+pub use relayfarm_core::LocalResultStore;
 pub use runner::{JobOutput, PipelineRunner, RunnerError};

@@ -3,10 +3,10 @@
 //! mask, and the default 32×32 grid.
 
 use candle_core::{DType, Device, Tensor};
-use relayfarm_models::checkpoint::PipelineFolder;
+use relayfarm_models::checkpoint::{ComponentFolder, PipelineFolder};
 use relayfarm_models::denoiser::pixart::ACCEPTED_CLASSES;
 use relayfarm_models::denoiser::{KvCompressConfig, KvSampling, PixArtOptions, PixArtTransformer};
-use relayfarm_models::RunDtype;
+use relayfarm_models::{ModelError, RunDtype};
 
 const PIPE: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -82,7 +82,10 @@ fn check(prefix: &str, label: &str) -> anyhow::Result<()> {
     // The fixture's padding mask must matter (otherwise the test would not cover it).
     let unmasked = model.forward(&c.latents, &c.timestep, &c.ehs, None)?;
     let (diff, _) = error_figures(&unmasked, &c.expected)?;
-    assert!(diff > 1e3 * max_abs.max(1e-7), "{label}: mask has no effect ({diff:.3e})");
+    assert!(
+        diff > 1e3 * max_abs.max(1e-7),
+        "{label}: mask has no effect ({diff:.3e})"
+    );
     Ok(())
 }
 
@@ -111,6 +114,25 @@ fn alternating_grids_reuse_cached_positions() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Prepared caption conditioning (the denoising-loop path) gives the same output.
+#[test]
+fn prepared_text_conditioning_matches_forward() -> anyhow::Result<()> {
+    let model = load_model(&PixArtOptions::default())?;
+    for prefix in ["", "default_"] {
+        let c = case(prefix)?;
+        let text = model.encode_text(&c.ehs, Some(&c.mask))?;
+        assert_eq!(text.batch_size(), 2);
+        let out = model.forward_with_text(&c.latents, &c.timestep, &text)?;
+        let direct = model.forward(&c.latents, &c.timestep, &c.ehs, Some(&c.mask))?;
+        assert_eq!(error_figures(&out, &direct)?.0, 0.0, "{prefix}");
+        // A batch mismatch is an error, not a broadcast.
+        let one = c.latents.narrow(0, 0, 1)?;
+        let t1 = c.timestep.narrow(0, 0, 1)?;
+        assert!(model.forward_with_text(&one, &t1, &text).is_err());
+    }
+    Ok(())
+}
+
 /// Batched output equals one-at-a-time output.
 #[test]
 fn batch_equals_single() -> anyhow::Result<()> {
@@ -127,6 +149,30 @@ fn batch_equals_single() -> anyhow::Result<()> {
         let (max_abs, std) = error_figures(&one, &full.narrow(0, i, 1)?)?;
         assert!(max_abs / std <= 1e-5, "sample {i}: {max_abs:.3e}");
     }
+    Ok(())
+}
+
+/// The original 1024-MS upload declares the generic `Transformer2DModel` class; other classes
+/// are refused with the supported list.
+#[test]
+fn accepts_legacy_class_and_refuses_others() -> anyhow::Result<()> {
+    let dir = format!("{PIPE}/transformer");
+    let legacy = ComponentFolder::open(&dir, "transformer", "Transformer2DModel".into())?;
+    PixArtTransformer::load(
+        &legacy,
+        RunDtype::F32,
+        &Device::Cpu,
+        &PixArtOptions::default(),
+    )?;
+    let other = ComponentFolder::open(&dir, "transformer", "UNet2DConditionModel".into())?;
+    let err = PixArtTransformer::load(
+        &other,
+        RunDtype::F32,
+        &Device::Cpu,
+        &PixArtOptions::default(),
+    )
+    .expect_err("a UNet class must be refused");
+    assert!(matches!(err, ModelError::UnknownClass { .. }), "{err}");
     Ok(())
 }
 

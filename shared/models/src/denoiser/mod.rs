@@ -11,7 +11,7 @@ pub mod kv_compress;
 pub mod pixart;
 
 pub use kv_compress::{KvCompress, KvCompressConfig, KvSampling};
-pub use pixart::{PixArtConfig, PixArtOptions, PixArtTransformer};
+pub use pixart::{PixArtConfig, PixArtOptions, PixArtTextConditioning, PixArtTransformer};
 
 /// Fused kernels for the DiT hot loop.
 ///

@@ -345,7 +345,14 @@ fn run_fused(
 
 /// Query rows per softmax block on the AVX-512 path.
 #[cfg(target_arch = "x86_64")]
-const AVX512_BLOCK_ROWS: usize = 96;
+const AVX512_MAX_BLOCK_ROWS: usize = 192;
+#[cfg(target_arch = "x86_64")]
+fn avx512_block_rows() -> usize {
+    std::env::var("ATT_BR")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(96)
+}
 
 thread_local! {
     /// Per-thread `kᵀ` panel for the AVX-512 path, reused across calls.
@@ -366,11 +373,10 @@ fn run_fused_avx512(
     out: &mut [f32],
 ) {
     let n_bh = d.b * d.h;
+    let block_rows = avx512_block_rows();
     let threads = rayon::current_num_threads().max(1);
     // Enough items for load balance; a chunk never goes below one block.
-    let chunks = (4 * threads)
-        .div_ceil(n_bh)
-        .min(d.lq.div_ceil(AVX512_BLOCK_ROWS));
+    let chunks = (4 * threads).div_ceil(n_bh).min(d.lq.div_ceil(block_rows));
     let chunk_rows = d.lq.div_ceil(chunks.max(1));
     let lk_pad = d.lk.div_ceil(16) * 16;
     out.par_chunks_mut(d.lq * d.dv)
@@ -389,16 +395,16 @@ fn run_fused_avx512(
                             if kt.len() < kt_len {
                                 kt.resize(kt_len, 0.0);
                             }
-                            let s_len = AVX512_BLOCK_ROWS * score_row_stride(lk_pad);
+                            let s_len = block_rows * score_row_stride(lk_pad);
                             if scores.len() < s_len {
                                 scores.resize(s_len, 0.0);
                             }
                             pack_kt(d, &k, b, h, lk_pad, &mut kt[..kt_len]);
                             let q_begin = chunk * chunk_rows;
                             for (blk, out_blk) in
-                                out_chunk.chunks_mut(AVX512_BLOCK_ROWS * d.dv).enumerate()
+                                out_chunk.chunks_mut(block_rows * d.dv).enumerate()
                             {
-                                let q0 = q_begin + blk * AVX512_BLOCK_ROWS;
+                                let q0 = q_begin + blk * block_rows;
                                 let rows = out_blk.len() / d.dv;
                                 let bias_rows = bias.map(|bv| {
                                     let start = bv.at(b, h, q0);
@@ -440,20 +446,26 @@ const S_TILE_VECTORS: usize = 4;
 fn pack_kt(d: &Dims, k: &View<'_>, b: usize, h: usize, lk_pad: usize, kt: &mut [f32]) {
     let base = k.at(b, h, 0);
     let (sj, sd) = (k.stride[2], k.stride[3]);
+    let last = base + (d.lk - 1) * sj + d.dh.saturating_sub(1) * sd;
+    assert!(last < k.data.len() && kt.len() >= d.dh * lk_pad && lk_pad % 16 == 0);
+    // Gathers take 32-bit element offsets.
+    if 15 * sj + d.dh * sd < i32::MAX as usize {
+        // SAFETY: AVX-512F was detected by the caller; the gathers read keys `< lk` only (masked)
+        // at offsets within the view (checked above), the stores stay within `kt` (checked).
+        unsafe { x86::pack_kt_avx512(&k.data[base..=last], (sj, sd), d.lk, d.dh, lk_pad, kt) };
+        return;
+    }
     for j0 in (0..lk_pad).step_by(KT_STRIP) {
         let cols = KT_STRIP.min(lk_pad - j0);
         let strip = &mut kt[j0 * d.dh..(j0 + cols) * d.dh];
         for jj in 0..cols {
             let j = j0 + jj;
-            if j < d.lk {
-                let row = base + j * sj;
-                for dd in 0..d.dh {
-                    strip[dd * cols + jj] = k.data[row + dd * sd];
-                }
-            } else {
-                for dd in 0..d.dh {
-                    strip[dd * cols + jj] = 0.0;
-                }
+            for dd in 0..d.dh {
+                strip[dd * cols + jj] = if j < d.lk {
+                    k.data[base + j * sj + dd * sd]
+                } else {
+                    0.0
+                };
             }
         }
     }
@@ -464,6 +476,15 @@ fn pack_kt(d: &Dims, k: &View<'_>, b: usize, h: usize, lk_pad: usize, kt: &mut [
 #[cfg(target_arch = "x86_64")]
 fn score_row_stride(lk_pad: usize) -> usize {
     lk_pad + 16
+}
+
+/// Keys per reduction chunk of the `·v` GEMM (the chunk of `v` stays in L1).
+#[cfg(target_arch = "x86_64")]
+fn o_k_chunk() -> usize {
+    std::env::var("ATT_KC")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(128)
 }
 
 /// One block of `rows` query rows on the AVX-512 path.
@@ -493,9 +514,9 @@ fn attend_block_avx512(
             && kt.len() >= dh * lk_pad
             && scores.len() == rows * s_rs
             && out.len() == rows * dv
-            && rows <= AVX512_BLOCK_ROWS
+            && rows <= AVX512_MAX_BLOCK_ROWS
     );
-    let scales = [scale; AVX512_BLOCK_ROWS];
+    let scales = [scale; AVX512_MAX_BLOCK_ROWS];
     // SAFETY: AVX-512F was detected by the caller; the ranges read and written were checked
     // above (A: rows × dh of q, B: dh rows of kt with lk_pad columns, C: scores).
     unsafe {
@@ -505,9 +526,10 @@ fn attend_block_avx512(
             (kt.as_ptr(), x86::BLayout::Strips),
             (scores.as_mut_ptr(), s_rs),
             &scales,
+            dh,
         );
     }
-    let mut inv_sums = [0f32; AVX512_BLOCK_ROWS];
+    let mut inv_sums = [0f32; AVX512_MAX_BLOCK_ROWS];
     for (r, row) in scores.chunks_exact_mut(s_rs).enumerate() {
         let bias_row = bias_rows.map(|(data, stride)| &data[r * stride..r * stride + lk]);
         // SAFETY: AVX-512F was detected by the caller; `bias_row` has `lk` elements.
@@ -522,6 +544,7 @@ fn attend_block_avx512(
             (v.data.as_ptr().add(v_off), x86::BLayout::Rows(v.stride[2])),
             (out.as_mut_ptr(), dv),
             &inv_sums,
+            o_k_chunk(),
         );
     }
 }
@@ -670,10 +693,20 @@ fn softmax_row_scalar(row: &mut [f32], bias: Option<&[f32]>) -> f32 {
     }
     let mut sum = 0.0;
     for x in row.iter_mut() {
-        *x = (*x - max).exp();
+        *x = exp_flushed(*x - max);
         sum += *x;
     }
     sum
+}
+
+/// `e^x`, flushed to 0 below e^−87 (as the SIMD versions do: no denormals).
+#[inline]
+fn exp_flushed(x: f32) -> f32 {
+    if x >= -87.0 {
+        x.exp()
+    } else {
+        0.0
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -696,11 +729,13 @@ mod x86 {
     #[inline]
     #[target_feature(enable = "avx512f")]
     fn exp512(x: __m512) -> __m512 {
-        // Below −104 the result underflows to 0 anyway; clamping keeps −inf out of the
-        // reduction.
+        // Results below e^−87 (≈ 1.6e−38, the bottom of the normal range) are flushed to 0:
+        // denormals would cost microcode assists here and in the GEMM that consumes them.
+        // Clamping keeps −inf out of the reduction.
+        let keep = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(x, _mm512_set1_ps(-87.0));
         let x = _mm512_min_ps(
-            _mm512_max_ps(x, _mm512_set1_ps(-104.0)),
-            _mm512_set1_ps(88.7),
+            _mm512_max_ps(x, _mm512_set1_ps(-87.0)),
+            _mm512_set1_ps(88.0),
         );
         let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
             _mm512_mul_ps(x, _mm512_set1_ps(LOG2E)),
@@ -715,7 +750,7 @@ mod x86 {
         p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(P5));
         let r2 = _mm512_mul_ps(r, r);
         let y = _mm512_add_ps(_mm512_fmadd_ps(p, r2, r), _mm512_set1_ps(1.0));
-        _mm512_scalef_ps(y, n)
+        _mm512_maskz_scalef_ps(keep, y, n)
     }
 
     /// Mask of the first `n` (< 16) lanes.
@@ -801,6 +836,62 @@ mod x86 {
         _mm512_reduce_add_ps(_mm512_add_ps(s0, s1))
     }
 
+    /// `kt` in [`super::pack_kt`]'s strip layout from `k` (`k[j·sj + d·sd]` for `j < lk`,
+    /// `d < dh`), with 16-key gathers.
+    ///
+    /// # Safety
+    /// AVX-512F; `15·sj + dh·sd < 2³¹`; `lk_pad` a multiple of 16 with `lk ≤ lk_pad`;
+    /// `kt.len() ≥ dh·lk_pad`; `k` holds every `k[j·sj + d·sd]` for `j < lk`, `d < dh`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn pack_kt_avx512(
+        k: &[f32],
+        (sj, sd): (usize, usize),
+        lk: usize,
+        dh: usize,
+        lk_pad: usize,
+        kt: &mut [f32],
+    ) {
+        let lanes = _mm512_mullo_epi32(
+            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+            _mm512_set1_epi32(sj as i32),
+        );
+        let out = kt.as_mut_ptr();
+        let strip_width = 16 * super::S_TILE_VECTORS;
+        let mut j0 = 0;
+        while j0 < lk_pad {
+            let cols = strip_width.min(lk_pad - j0);
+            let strip = out.add(j0 * dh);
+            let mut v = 0;
+            while v < cols {
+                let j = j0 + v;
+                let valid = if j >= lk { 0 } else { lk - j };
+                let mask = if valid >= 16 {
+                    0xffff
+                } else {
+                    tail_mask(valid)
+                };
+                if mask != 0 {
+                    let row = k.as_ptr().add(j * sj);
+                    for dd in 0..dh {
+                        let x = _mm512_mask_i32gather_ps::<4>(
+                            _mm512_setzero_ps(),
+                            mask,
+                            lanes,
+                            row.add(dd * sd),
+                        );
+                        _mm512_storeu_ps(strip.add(dd * cols + v), x);
+                    }
+                } else {
+                    for dd in 0..dh {
+                        _mm512_storeu_ps(strip.add(dd * cols + v), _mm512_setzero_ps());
+                    }
+                }
+                v += 16;
+            }
+            j0 += cols;
+        }
+    }
+
     /// Arguments of one register tile of [`gemm_avx512`].
     struct Tile {
         k: usize,
@@ -813,8 +904,12 @@ mod x86 {
         c_rs: usize,
         /// Lanes of the last 16-column vector that are in range.
         mask: __mmask16,
-        /// One factor per row of the tile.
+        /// One factor per row of the tile, applied when `last` is set.
         alpha: *const f32,
+        /// Add to the partial sums already in C (a later chunk of the reduction).
+        accumulate: bool,
+        /// The final chunk of the reduction: scale by `alpha` on the way out.
+        last: bool,
     }
 
     /// `C[MR × 16·NV] = diag(alpha) · A[MR × k] · B[k × 16·NV]`: A broadcast element by element
@@ -826,6 +921,18 @@ mod x86 {
     #[target_feature(enable = "avx512f")]
     unsafe fn tile<const MR: usize, const NV: usize>(t: &Tile) {
         let mut acc = [[_mm512_setzero_ps(); NV]; MR];
+        if t.accumulate {
+            for (i, acc) in acc.iter_mut().enumerate() {
+                let c = t.c.add(i * t.c_rs);
+                for (v, acc) in acc.iter_mut().enumerate() {
+                    *acc = if v + 1 == NV {
+                        _mm512_maskz_loadu_ps(t.mask, c.add(16 * v))
+                    } else {
+                        _mm512_loadu_ps(c.add(16 * v))
+                    };
+                }
+            }
+        }
         let mut a = t.a;
         let mut b = t.b;
         for _ in 0..t.k {
@@ -847,7 +954,7 @@ mod x86 {
             b = b.add(t.b_rs);
         }
         for (i, acc) in acc.iter().enumerate() {
-            let alpha = _mm512_set1_ps(*t.alpha.add(i));
+            let alpha = _mm512_set1_ps(if t.last { *t.alpha.add(i) } else { 1.0 });
             let c = t.c.add(i * t.c_rs);
             for (v, acc) in acc.iter().enumerate() {
                 let x = _mm512_mul_ps(*acc, alpha);
@@ -902,47 +1009,58 @@ mod x86 {
         (b, b_layout): (*const f32, BLayout),
         (c, c_rs): (*mut f32, usize),
         alpha: &[f32],
+        k_chunk: usize,
     ) {
-        debug_assert!(MR <= 6 && NV <= 5 && alpha.len() >= m);
+        debug_assert!(MR <= 6 && NV <= 5 && alpha.len() >= m && k_chunk > 0);
         let strip = 16 * NV;
-        let mut j0 = 0;
-        while j0 < n {
-            let cols = strip.min(n - j0);
-            let nv = cols.div_ceil(16);
-            let last = cols - 16 * (nv - 1);
-            let mask = if last == 16 { 0xffff } else { tail_mask(last) };
-            let mut i0 = 0;
-            while i0 < m {
-                let mr = MR.min(m - i0);
+        // Chunks of the reduction keep the B rows of one chunk in L1 across all row tiles.
+        let mut l0 = 0;
+        while l0 < k {
+            let kc = k_chunk.min(k - l0);
+            let mut j0 = 0;
+            while j0 < n {
+                let cols = strip.min(n - j0);
+                let nv = cols.div_ceil(16);
+                let last = cols - 16 * (nv - 1);
+                let mask = if last == 16 { 0xffff } else { tail_mask(last) };
                 let (b, b_rs) = match b_layout {
-                    BLayout::Rows(b_rs) => (b.add(j0), b_rs),
-                    BLayout::Strips => (b.add(j0 * k), cols),
+                    BLayout::Rows(b_rs) => (b.add(l0 * b_rs + j0), b_rs),
+                    BLayout::Strips => (b.add(j0 * k + l0 * cols), cols),
                 };
-                let t = Tile {
-                    k,
-                    a: a.add(i0 * a_rs),
-                    a_rs,
-                    a_cs,
-                    b,
-                    b_rs,
-                    c: c.add(i0 * c_rs + j0),
-                    c_rs,
-                    mask,
-                    alpha: alpha.as_ptr().add(i0),
-                };
-                TILES[mr - 1][nv - 1](&t);
-                i0 += mr;
+                let mut i0 = 0;
+                while i0 < m {
+                    let mr = MR.min(m - i0);
+                    let t = Tile {
+                        k: kc,
+                        a: a.add(i0 * a_rs + l0 * a_cs),
+                        a_rs,
+                        a_cs,
+                        b,
+                        b_rs,
+                        c: c.add(i0 * c_rs + j0),
+                        c_rs,
+                        mask,
+                        alpha: alpha.as_ptr().add(i0),
+                        accumulate: l0 > 0,
+                        last: l0 + kc == k,
+                    };
+                    TILES[mr - 1][nv - 1](&t);
+                    i0 += mr;
+                }
+                j0 += cols;
             }
-            j0 += cols;
+            l0 += kc;
         }
     }
 
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     fn exp256(x: __m256) -> __m256 {
-        // Keeps 2^n a normal number; exp(−87.3) ≈ 1e−38 is as good as 0 next to a sum ≥ 1.
+        // As in `exp512`: below e^−87 the result is flushed to 0 (no denormals), and the clamp
+        // keeps 2^n a normal number.
+        let keep = _mm256_cmp_ps::<_CMP_GE_OQ>(x, _mm256_set1_ps(-87.0));
         let x = _mm256_min_ps(
-            _mm256_max_ps(x, _mm256_set1_ps(-87.336_54)),
+            _mm256_max_ps(x, _mm256_set1_ps(-87.0)),
             _mm256_set1_ps(88.0),
         );
         let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
@@ -962,7 +1080,7 @@ mod x86 {
             _mm256_cvtps_epi32(n),
             _mm256_set1_epi32(127),
         ));
-        _mm256_mul_ps(y, _mm256_castsi256_ps(e))
+        _mm256_and_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(e)), keep)
     }
 
     #[inline]
@@ -1037,7 +1155,7 @@ mod x86 {
         }
         let mut sum = hsum256(s0);
         for x in &mut row[full..] {
-            *x = (*x - max).exp();
+            *x = super::exp_flushed(*x - max);
             sum += *x;
         }
         sum

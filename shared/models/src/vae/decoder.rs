@@ -4,11 +4,12 @@
 //! `unets/unet_2d_blocks.py` (`UpDecoderBlock2D`).
 
 use super::autoencoder_kl::AutoencoderKLConfig;
+use super::conv::ConvSame;
 use super::group_norm::GroupNorm;
-use super::resnet::{conv_same, MidBlock2D, ResnetBlock2D, Upsample2D, VAE_NORM_EPS};
+use super::resnet::{MidBlock2D, ResnetBlock2D, Upsample2D, VAE_NORM_EPS};
 use crate::Result;
-use candle_core::{Module, Tensor};
-use candle_nn::{Conv2d, VarBuilder};
+use candle_core::Tensor;
+use candle_nn::VarBuilder;
 
 /// `UpDecoderBlock2D`: `layers_per_block + 1` resnets, then an upsampler except in the last block.
 #[derive(Debug, Clone)]
@@ -59,11 +60,11 @@ impl UpDecoderBlock2D {
 /// The decoder.
 #[derive(Debug, Clone)]
 pub struct Decoder {
-    conv_in: Conv2d,
+    conv_in: ConvSame,
     mid_block: MidBlock2D,
     up_blocks: Vec<UpDecoderBlock2D>,
     conv_norm_out: GroupNorm,
-    conv_out: Conv2d,
+    conv_out: ConvSame,
 }
 
 impl Decoder {
@@ -72,7 +73,7 @@ impl Decoder {
         let reversed: Vec<usize> = cfg.block_out_channels.iter().rev().copied().collect();
         let groups = cfg.norm_num_groups;
         let top = reversed[0];
-        let conv_in = conv_same(cfg.latent_channels, top, 3, vb.pp("conv_in"))?;
+        let conv_in = ConvSame::new(cfg.latent_channels, top, 3, vb.pp("conv_in"))?;
         let mid_block =
             MidBlock2D::new(top, groups, cfg.mid_block_add_attention, vb.pp("mid_block"))?;
         let mut up_blocks = Vec::with_capacity(reversed.len());
@@ -91,7 +92,7 @@ impl Decoder {
         }
         let bottom = cfg.block_out_channels[0];
         let conv_norm_out = GroupNorm::new(groups, bottom, VAE_NORM_EPS, vb.pp("conv_norm_out"))?;
-        let conv_out = conv_same(bottom, cfg.out_channels, 3, vb.pp("conv_out"))?;
+        let conv_out = ConvSame::new(bottom, cfg.out_channels, 3, vb.pp("conv_out"))?;
         Ok(Decoder {
             conv_in,
             mid_block,

@@ -4,11 +4,12 @@
 //! `unets/unet_2d_blocks.py` (`DownEncoderBlock2D`).
 
 use super::autoencoder_kl::AutoencoderKLConfig;
+use super::conv::ConvSame;
 use super::group_norm::GroupNorm;
-use super::resnet::{conv_same, Downsample2D, MidBlock2D, ResnetBlock2D, VAE_NORM_EPS};
+use super::resnet::{Downsample2D, MidBlock2D, ResnetBlock2D, VAE_NORM_EPS};
 use crate::Result;
-use candle_core::{Module, Tensor};
-use candle_nn::{Conv2d, VarBuilder};
+use candle_core::Tensor;
+use candle_nn::VarBuilder;
 
 /// `DownEncoderBlock2D`: `layers_per_block` resnets, then a downsampler except in the last block.
 #[derive(Debug, Clone)]
@@ -62,11 +63,11 @@ impl DownEncoderBlock2D {
 /// The encoder (`double_z`: it outputs mean and log-variance stacked on the channel axis).
 #[derive(Debug, Clone)]
 pub struct Encoder {
-    conv_in: Conv2d,
+    conv_in: ConvSame,
     down_blocks: Vec<DownEncoderBlock2D>,
     mid_block: MidBlock2D,
     conv_norm_out: GroupNorm,
-    conv_out: Conv2d,
+    conv_out: ConvSame,
 }
 
 impl Encoder {
@@ -74,7 +75,7 @@ impl Encoder {
     pub fn new(cfg: &AutoencoderKLConfig, vb: VarBuilder) -> Result<Self> {
         let channels = &cfg.block_out_channels;
         let groups = cfg.norm_num_groups;
-        let conv_in = conv_same(cfg.in_channels, channels[0], 3, vb.pp("conv_in"))?;
+        let conv_in = ConvSame::new(cfg.in_channels, channels[0], 3, vb.pp("conv_in"))?;
         let mut down_blocks = Vec::with_capacity(channels.len());
         let mut out_ch = channels[0];
         for (i, &ch) in channels.iter().enumerate() {
@@ -97,7 +98,7 @@ impl Encoder {
             vb.pp("mid_block"),
         )?;
         let conv_norm_out = GroupNorm::new(groups, last, VAE_NORM_EPS, vb.pp("conv_norm_out"))?;
-        let conv_out = conv_same(last, 2 * cfg.latent_channels, 3, vb.pp("conv_out"))?;
+        let conv_out = ConvSame::new(last, 2 * cfg.latent_channels, 3, vb.pp("conv_out"))?;
         Ok(Encoder {
             conv_in,
             down_blocks,

@@ -42,7 +42,8 @@ impl GroupNorm {
 
     /// Normalises `x` and applies SiLU when `silu` is set; the result has `x`'s dtype.
     pub(crate) fn forward(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
-        let cpu_kernel = std::env::var("TMP_GN_CANDLE").is_err() && x.device().is_cpu()
+        let cpu_kernel = std::env::var("TMP_GN_CANDLE").is_err()
+            && x.device().is_cpu()
             && matches!(x.dtype(), DType::F32 | DType::F16 | DType::BF16)
             && x.rank() >= 2
             && x.dim(1)? == self.channels;

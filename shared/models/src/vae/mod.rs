@@ -4,6 +4,7 @@
 //!   of CogView3-Plus), read from a diffusers `vae/` folder.
 
 pub mod autoencoder_kl;
+mod conv;
 mod decoder;
 mod encoder;
 mod group_norm;

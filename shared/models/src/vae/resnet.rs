@@ -5,6 +5,7 @@
 //! `upsampling.py` (`Upsample2D`), `attention_processor.py` (`Attention` with `group_norm`,
 //! `AttnProcessor2_0`) and `unets/unet_2d_blocks.py` (`UNetMidBlock2D`).
 
+use super::conv::ConvSame;
 use super::group_norm::GroupNorm;
 use crate::nn::attention::scaled_dot_product_attention;
 use crate::Result;
@@ -18,35 +19,15 @@ pub(crate) const VAE_NORM_EPS: f64 = 1e-6;
 /// mid-block attention at 1024² and above never materialises the full `L × L` matrix.
 const MAX_SCORE_ELEMENTS: usize = 1 << 26;
 
-/// A `k×k` convolution with bias, stride 1, "same" padding.
-pub(crate) fn conv_same(
-    in_channels: usize,
-    out_channels: usize,
-    kernel: usize,
-    vb: VarBuilder,
-) -> Result<Conv2d> {
-    let cfg = Conv2dConfig {
-        padding: kernel / 2,
-        ..Default::default()
-    };
-    Ok(candle_nn::conv2d(
-        in_channels,
-        out_channels,
-        kernel,
-        cfg,
-        vb,
-    )?)
-}
-
 /// `ResnetBlock2D` without time embedding: `x + conv2(silu(gn2(conv1(silu(gn1(x))))))`, with a
 /// 1×1 `conv_shortcut` on `x` when the channel count changes.
 #[derive(Debug, Clone)]
 pub(crate) struct ResnetBlock2D {
     norm1: GroupNorm,
-    conv1: Conv2d,
+    conv1: ConvSame,
     norm2: GroupNorm,
-    conv2: Conv2d,
-    conv_shortcut: Option<Conv2d>,
+    conv2: ConvSame,
+    conv_shortcut: Option<ConvSame>,
 }
 
 impl ResnetBlock2D {
@@ -59,11 +40,11 @@ impl ResnetBlock2D {
         vb: VarBuilder,
     ) -> Result<Self> {
         let norm1 = GroupNorm::new(groups, in_channels, VAE_NORM_EPS, vb.pp("norm1"))?;
-        let conv1 = conv_same(in_channels, out_channels, 3, vb.pp("conv1"))?;
+        let conv1 = ConvSame::new(in_channels, out_channels, 3, vb.pp("conv1"))?;
         let norm2 = GroupNorm::new(groups, out_channels, VAE_NORM_EPS, vb.pp("norm2"))?;
-        let conv2 = conv_same(out_channels, out_channels, 3, vb.pp("conv2"))?;
+        let conv2 = ConvSame::new(out_channels, out_channels, 3, vb.pp("conv2"))?;
         let conv_shortcut = if in_channels != out_channels {
-            Some(conv_same(
+            Some(ConvSame::new(
                 in_channels,
                 out_channels,
                 1,
@@ -87,15 +68,14 @@ impl ResnetBlock2D {
         let mut h = self.norm1.forward(x, true)?;
         h = self.conv1.forward(&h)?;
         h = self.norm2.forward(&h, true)?;
-        h = self.conv2.forward(&h)?;
-        let out = match &self.conv_shortcut {
+        // The residual add happens inside conv2 (its accumulator starts at bias + residual).
+        match &self.conv_shortcut {
             Some(conv) => {
                 let shortcut = conv.forward(x)?;
-                (shortcut + h)?
+                self.conv2.forward_residual(&h, &shortcut)
             }
-            None => (x + h)?,
-        };
-        Ok(out)
+            None => self.conv2.forward_residual(&h, x),
+        }
     }
 }
 
@@ -128,21 +108,20 @@ impl Downsample2D {
 /// `Upsample2D(use_conv=True)`: nearest-neighbour ×2, then a 3×3 convolution (key `conv`).
 #[derive(Debug, Clone)]
 pub(crate) struct Upsample2D {
-    conv: Conv2d,
+    conv: ConvSame,
 }
 
 impl Upsample2D {
     /// Builds the upsampler (`channels` in and out).
     pub(crate) fn new(channels: usize, vb: VarBuilder) -> Result<Self> {
-        let conv = conv_same(channels, channels, 3, vb.pp("conv"))?;
+        let conv = ConvSame::new(channels, channels, 3, vb.pp("conv"))?;
         Ok(Upsample2D { conv })
     }
 
-    /// Doubles the spatial size.
+    /// Doubles the spatial size (the upsampled input is only ever built padded, inside the
+    /// convolution).
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (_, _, h, w) = x.dims4()?;
-        let up = x.upsample_nearest2d(h * 2, w * 2)?;
-        Ok(self.conv.forward(&up)?)
+        self.conv.forward_upsampled(x)
     }
 }
 

@@ -27,6 +27,27 @@ impl LocalResultStore {
         self.dir.join(name)
     }
 
+    /// Reads a named result. `name` is a relative key (e.g. `batch/00001-cat.png`); keys that
+    /// would leave the folder (`..`, absolute paths) are refused.
+    pub fn get(&self, name: &str) -> std::io::Result<Vec<u8>> {
+        std::fs::read(self.checked_path(name)?)
+    }
+
+    /// The path of a key, refusing keys that would escape the folder.
+    pub fn checked_path(&self, name: &str) -> std::io::Result<PathBuf> {
+        let p = Path::new(name);
+        let ok = !name.is_empty()
+            && p.components()
+                .all(|c| matches!(c, std::path::Component::Normal(_)));
+        if !ok {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("result key {name:?} is not a relative path inside the result store"),
+            ));
+        }
+        Ok(self.dir.join(p))
+    }
+
     /// Whether a named result is already stored.
     pub fn contains(&self, name: &str) -> bool {
         self.path(name).is_file()
@@ -34,7 +55,7 @@ impl LocalResultStore {
 
     /// Stores a result atomically; an existing result of the same name is replaced.
     pub fn put(&self, name: &str, bytes: &[u8]) -> std::io::Result<PathBuf> {
-        write_atomic(&self.path(name), bytes)
+        write_atomic(&self.checked_path(name)?, bytes)
     }
 }
 
@@ -63,7 +84,11 @@ mod tests {
         assert!(!s.contains("a.png"));
         s.put("a.png", b"123").unwrap();
         assert!(s.contains("a.png"));
-        assert_eq!(std::fs::read(s.path("a.png")).unwrap(), b"123");
+        assert_eq!(s.get("a.png").unwrap(), b"123");
+        s.put("batch/b.png", b"4").unwrap();
+        assert_eq!(s.get("batch/b.png").unwrap(), b"4");
+        assert!(s.get("../x").is_err());
+        assert!(s.put("/etc/x", b"").is_err());
         let _ = std::fs::remove_dir_all(d);
     }
 }
