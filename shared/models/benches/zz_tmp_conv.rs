@@ -1,14 +1,29 @@
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use relayfarm_models::vae::{AutoencoderKL, AutoencoderKLConfig};
 use std::time::Instant;
 fn main() {
     let dev = Device::Cpu;
-    for (m, k, n) in [(512usize, 4608usize, 4096usize), (128, 128, 8192), (512, 512, 4096), (256,256,8192)] {
-        let a = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
-        let b = Tensor::randn(0f32, 1.0, (k, n), &dev).unwrap();
-        let _ = a.matmul(&b).unwrap();
+    let side: usize = std::env::var("SIDE").ok().and_then(|s| s.parse().ok()).unwrap_or(256);
+    let ch: usize = std::env::var("CH").ok().and_then(|s| s.parse().ok()).unwrap_or(128);
+    let mut cfg = AutoencoderKLConfig::sdxl();
+    cfg.block_out_channels = vec![ch];
+    cfg.down_block_types.truncate(1);
+    cfg.up_block_types.truncate(1);
+    cfg.layers_per_block = 1;
+    cfg.mid_block_add_attention = false;
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+    let vae = AutoencoderKL::new(&cfg, vb).unwrap();
+    let z = Tensor::randn(0f32, 1.0, (1, 4, side, side), &dev).unwrap();
+    let _ = vae.decode(&z).unwrap();
+    let mut ts = vec![];
+    for _ in 0..3 {
         let t = Instant::now();
-        for _ in 0..3 { let _ = a.matmul(&b).unwrap(); }
-        let dt = t.elapsed().as_secs_f64() / 3.0;
-        println!("matmul {m}x{k}x{n}: {:.1} GFLOP/s", 2.0 * (m * k * n) as f64 / 1e9 / dt);
+        let _ = vae.decode(&z).unwrap();
+        ts.push(t.elapsed().as_secs_f64());
     }
+    ts.sort_by(f64::total_cmp);
+    let gflop = 8.0 * 2.0 * (ch * ch * 9 * side * side) as f64 / 1e9;
+    println!("ours ch={ch} side={side}: {:.3}s  ~{:.1} GFLOP/s (convs only)", ts[1], gflop / ts[1]);
 }

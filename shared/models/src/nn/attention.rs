@@ -345,14 +345,7 @@ fn run_fused(
 
 /// Query rows per softmax block on the AVX-512 path.
 #[cfg(target_arch = "x86_64")]
-const AVX512_MAX_BLOCK_ROWS: usize = 192;
-#[cfg(target_arch = "x86_64")]
-fn avx512_block_rows() -> usize {
-    std::env::var("ATT_BR")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(96)
-}
+const AVX512_BLOCK_ROWS: usize = 96;
 
 thread_local! {
     /// Per-thread `kᵀ` panel for the AVX-512 path, reused across calls.
@@ -373,7 +366,7 @@ fn run_fused_avx512(
     out: &mut [f32],
 ) {
     let n_bh = d.b * d.h;
-    let block_rows = avx512_block_rows();
+    let block_rows = AVX512_BLOCK_ROWS;
     let threads = rayon::current_num_threads().max(1);
     // Enough items for load balance; a chunk never goes below one block.
     let chunks = (4 * threads).div_ceil(n_bh).min(d.lq.div_ceil(block_rows));
@@ -480,12 +473,7 @@ fn score_row_stride(lk_pad: usize) -> usize {
 
 /// Keys per reduction chunk of the `·v` GEMM (the chunk of `v` stays in L1).
 #[cfg(target_arch = "x86_64")]
-fn o_k_chunk() -> usize {
-    std::env::var("ATT_KC")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(128)
-}
+const O_K_CHUNK: usize = 128;
 
 /// One block of `rows` query rows on the AVX-512 path.
 #[cfg(target_arch = "x86_64")]
@@ -514,9 +502,9 @@ fn attend_block_avx512(
             && kt.len() >= dh * lk_pad
             && scores.len() == rows * s_rs
             && out.len() == rows * dv
-            && rows <= AVX512_MAX_BLOCK_ROWS
+            && rows <= AVX512_BLOCK_ROWS
     );
-    let scales = [scale; AVX512_MAX_BLOCK_ROWS];
+    let scales = [scale; AVX512_BLOCK_ROWS];
     // SAFETY: AVX-512F was detected by the caller; the ranges read and written were checked
     // above (A: rows × dh of q, B: dh rows of kt with lk_pad columns, C: scores).
     unsafe {
@@ -529,7 +517,7 @@ fn attend_block_avx512(
             dh,
         );
     }
-    let mut inv_sums = [0f32; AVX512_MAX_BLOCK_ROWS];
+    let mut inv_sums = [0f32; AVX512_BLOCK_ROWS];
     for (r, row) in scores.chunks_exact_mut(s_rs).enumerate() {
         let bias_row = bias_rows.map(|(data, stride)| &data[r * stride..r * stride + lk]);
         // SAFETY: AVX-512F was detected by the caller; `bias_row` has `lk` elements.
@@ -544,7 +532,7 @@ fn attend_block_avx512(
             (v.data.as_ptr().add(v_off), x86::BLayout::Rows(v.stride[2])),
             (out.as_mut_ptr(), dv),
             &inv_sums,
-            o_k_chunk(),
+            O_K_CHUNK,
         );
     }
 }
@@ -726,31 +714,29 @@ mod x86 {
     const P4: f32 = 1.666_666_5e-1;
     const P5: f32 = 5.000_000_1e-1;
 
+    /// `e^x` for the softmax (`x ≤ 0`): results below e^−87 (≈ 1.6e−38, the bottom of the
+    /// normal range) and `−inf`/NaN inputs give 0. Denormals would cost microcode assists here
+    /// and in the GEMM that consumes them.
     #[inline]
     #[target_feature(enable = "avx512f")]
     fn exp512(x: __m512) -> __m512 {
-        // Results below e^−87 (≈ 1.6e−38, the bottom of the normal range) are flushed to 0:
-        // denormals would cost microcode assists here and in the GEMM that consumes them.
-        // Clamping keeps −inf out of the reduction.
         let keep = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(x, _mm512_set1_ps(-87.0));
-        let x = _mm512_min_ps(
-            _mm512_max_ps(x, _mm512_set1_ps(-87.0)),
-            _mm512_set1_ps(88.0),
-        );
         let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
             _mm512_mul_ps(x, _mm512_set1_ps(LOG2E)),
         );
         let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), x);
         let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LO), r);
+        let one = _mm512_set1_ps(1.0);
         let mut p = _mm512_set1_ps(P0);
         p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(P1));
         p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(P2));
         p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(P3));
         p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(P4));
         p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(P5));
-        let r2 = _mm512_mul_ps(r, r);
-        let y = _mm512_add_ps(_mm512_fmadd_ps(p, r2, r), _mm512_set1_ps(1.0));
-        _mm512_maskz_scalef_ps(keep, y, n)
+        p = _mm512_fmadd_ps(p, r, one);
+        p = _mm512_fmadd_ps(p, r, one);
+        // Lanes outside `keep` (including the NaNs that −inf produces above) become 0.
+        _mm512_maskz_scalef_ps(keep, p, n)
     }
 
     /// Mask of the first `n` (< 16) lanes.
@@ -1378,6 +1364,41 @@ mod tests {
         let out = fused_cpu_attention(&q, &k, &v, Some(&mask), 1.0).unwrap();
         let v: Vec<f32> = out.flatten_all().unwrap().to_vec1().unwrap();
         assert!(v.iter().all(|&x| x == 0.0));
+    }
+
+    #[test]
+    fn simd_exp_is_accurate() {
+        // A row whose max is 0 comes back as e^x.
+        let n = 200_003;
+        let xs: Vec<f32> = (0..n).map(|i| -87.0 * i as f32 / (n - 1) as f32).collect();
+        let mut isas = vec![Isa::Scalar];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                isas.push(Isa::Avx2);
+            }
+            if is_x86_feature_detected!("avx512f") {
+                isas.push(Isa::Avx512);
+            }
+        }
+        for isa in isas {
+            let mut row = xs.clone();
+            isa.softmax_row(&mut row, None);
+            let worst = row
+                .iter()
+                .zip(&xs)
+                .map(|(&y, &x)| {
+                    let want = (x as f64).exp();
+                    ((y as f64 - want) / want).abs()
+                })
+                .fold(0f64, f64::max);
+            println!("{isa:?}: max relative error of e^x on [-87, 0] = {worst:.2e}");
+            assert!(worst <= 2.5e-7, "{isa:?}: {worst:.2e}");
+            // Below e^-87 and at -inf: exactly 0.
+            let mut row = vec![0.0, -87.5, -100.0, -1e30, f32::NEG_INFINITY];
+            isa.softmax_row(&mut row, None);
+            assert_eq!(row, vec![1.0, 0.0, 0.0, 0.0, 0.0], "{isa:?}");
+        }
     }
 
     #[test]

@@ -314,6 +314,9 @@ impl PixArtSigmaPipeline {
         let out_ch = self.transformer.out_channels();
         let enc = embeds.embeds.to_dtype(dt)?;
         let batch = enc.dim(0)?;
+        // Caption projection, mask bias and every block's cross-attention K/V depend only on
+        // the prompt: compute them once per job, not once per step.
+        let text = self.transformer.encode_text(&enc, Some(&embeds.mask))?;
         let mut latents = noise.to_dtype(DType::F32)?.affine(sched.init_noise_sigma(), 0.0)?;
         let total = timesteps.len();
         for (i, &t) in timesteps.iter().enumerate() {
@@ -326,7 +329,7 @@ impl PixArtSigmaPipeline {
             let t_batch = Tensor::full(t as f32, batch, &self.device)?;
             let out = self
                 .transformer
-                .forward(&model_in, &t_batch, &enc, Some(&embeds.mask))?
+                .forward_with_text(&model_in, &t_batch, &text)?
                 .to_dtype(DType::F32)?;
             let out = if embeds.cfg {
                 let u = out.narrow(0, 0, 1)?;
