@@ -10,7 +10,8 @@ pub fn looks_like_repo_id(s: &str) -> bool {
     parts.len() == 2
         && parts.iter().all(|p| {
             !p.is_empty()
-                && p.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
                 && *p != "."
                 && *p != ".."
         })
@@ -48,7 +49,9 @@ pub fn download(repo_id: &str) -> Result<PathBuf> {
     }
     match root {
         Some(r) => Ok(r),
-        None => bail!("`{repo_id}` has no model_index.json: it is not a diffusers pipeline repository"),
+        None => {
+            bail!("`{repo_id}` has no model_index.json: it is not a diffusers pipeline repository")
+        }
     }
 }
 

@@ -6,11 +6,11 @@ use candle_core::{Device, Tensor};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use relayfarm_coordinator::{EmbeddedQueue, JobState};
+use relayfarm_core::write_atomic;
 use relayfarm_core::{parse_prompt_set, JobId, JobSpec, RenderParams};
 use relayfarm_models::pipeline::{PipelineOptions, StepEvent};
 use relayfarm_models::RunDtype;
 use relayfarm_worker::contact_sheet::contact_sheet;
-use relayfarm_core::write_atomic;
 use relayfarm_worker::runner::RenderJob;
 use relayfarm_worker::{LocalResultStore, PipelineRunner};
 use std::ops::ControlFlow;
@@ -19,7 +19,10 @@ use std::process::ExitCode;
 
 /// The tiny random-weight PixArt-Σ folder that ships with the repository: it proves the whole
 /// path (tokenizer → T5 → DiT → DPM-Solver → VAE → PNG), not the pictures.
-pub const BUNDLED_MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/pixart-sigma-tiny");
+pub const BUNDLED_MODEL: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/fixtures/pixart-sigma-tiny"
+);
 
 /// Arguments of `relayfarm render`.
 #[derive(Args, Debug)]
@@ -96,8 +99,13 @@ fn parse_device(s: &str) -> Result<Device> {
     if s == "cpu" {
         return Ok(Device::Cpu);
     }
-    if let Some(n) = s.strip_prefix("cuda:").or_else(|| (s == "cuda").then_some("0")) {
-        let n: usize = n.parse().map_err(|_| anyhow!("--device {s}: expected cpu or cuda:N"))?;
+    if let Some(n) = s
+        .strip_prefix("cuda:")
+        .or_else(|| (s == "cuda").then_some("0"))
+    {
+        let n: usize = n
+            .parse()
+            .map_err(|_| anyhow!("--device {s}: expected cpu or cuda:N"))?;
         return Device::new_cuda(n).map_err(|e| {
             anyhow!("--device {s}: CUDA is not available ({e}); this binary needs `--features cuda` and a GPU, or use --device cpu")
         });
@@ -128,7 +136,10 @@ fn load_latents(path: &Path) -> Result<Tensor> {
     })?;
     let names: Vec<_> = tensors.keys().cloned().collect();
     tensors.get("latents").cloned().ok_or_else(|| {
-        anyhow!("--latents {}: no tensor named `latents` (found: {names:?})", path.display())
+        anyhow!(
+            "--latents {}: no tensor named `latents` (found: {names:?})",
+            path.display()
+        )
     })
 }
 
@@ -137,7 +148,9 @@ fn random_seed() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0);
-    relayfarm_models::pipeline::noise::SplitMix64::new(t ^ (std::process::id() as u64) << 32).next_u64() >> 11
+    relayfarm_models::pipeline::noise::SplitMix64::new(t ^ (std::process::id() as u64) << 32)
+        .next_u64()
+        >> 11
 }
 
 /// Runs `relayfarm render`.
@@ -187,8 +200,10 @@ fn step_bar(quiet: bool, total: u64, prefix: String) -> ProgressBar {
     }
     let bar = ProgressBar::new(total);
     bar.set_style(
-        ProgressStyle::with_template("{prefix} [{elapsed_precise}] {bar:30} {pos}/{len} steps {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        ProgressStyle::with_template(
+            "{prefix} [{elapsed_precise}] {bar:30} {pos}/{len} steps {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     bar.set_prefix(prefix);
     bar
@@ -219,7 +234,12 @@ fn defaults(args: &RenderArgs) -> RenderParams {
     }
 }
 
-fn render_one(args: &RenderArgs, runner: &PipelineRunner, latents: Option<Tensor>, seed: u64) -> Result<ExitCode> {
+fn render_one(
+    args: &RenderArgs,
+    runner: &PipelineRunner,
+    latents: Option<Tensor>,
+    seed: u64,
+) -> Result<ExitCode> {
     let prompt = args.prompt.as_deref().unwrap_or_default();
     let mut job = job_from(args, prompt, &defaults(args), seed);
     job.latents = latents;
@@ -260,14 +280,24 @@ fn render_one(args: &RenderArgs, runner: &PipelineRunner, latents: Option<Tensor
 fn slug(prompt: &str) -> String {
     let mut s: String = prompt
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
         .collect();
     while s.contains("--") {
         s = s.replace("--", "-");
     }
     let s = s.trim_matches('-');
     let s: String = s.chars().take(40).collect();
-    if s.is_empty() { "image".into() } else { s.trim_end_matches('-').to_string() }
+    if s.is_empty() {
+        "image".into()
+    } else {
+        s.trim_end_matches('-').to_string()
+    }
 }
 
 fn render_set(
@@ -284,7 +314,12 @@ fn render_set(
     let mut specs = Vec::new();
     for (i, line) in set.iter().enumerate() {
         let params = line.params.or(&batch_defaults);
-        let job = job_from(args, &line.prompt, &params, base_seed.wrapping_add(i as u64));
+        let job = job_from(
+            args,
+            &line.prompt,
+            &params,
+            base_seed.wrapping_add(i as u64),
+        );
         if let Err(e) = runner.validate(&job) {
             errors.push(format!("line {}: {e}", line.line));
         }
@@ -297,14 +332,21 @@ fn render_set(
                 id: JobId(file.clone()),
                 index: i,
                 prompt: line.prompt.clone(),
-                params: RenderParams { seed: Some(job.seed), ..params },
+                params: RenderParams {
+                    seed: Some(job.seed),
+                    ..params
+                },
                 name: line.name.clone(),
             },
             job,
         ));
     }
     if !errors.is_empty() {
-        bail!("the prompt set has {} invalid line(s); nothing was rendered:\n  {}", errors.len(), errors.join("\n  "));
+        bail!(
+            "the prompt set has {} invalid line(s); nothing was rendered:\n  {}",
+            errors.len(),
+            errors.join("\n  ")
+        );
     }
     let mut queue = EmbeddedQueue::new();
     let mut jobs = std::collections::HashMap::new();
@@ -312,23 +354,39 @@ fn render_set(
         if store.contains(&spec.id.0) {
             queue.push_done(spec.clone(), store.path(&spec.id.0).display().to_string());
         } else if !queue.push(spec.clone()) {
-            bail!("two lines of the prompt set write the same file {}: give them different names", spec.id);
+            bail!(
+                "two lines of the prompt set write the same file {}: give them different names",
+                spec.id
+            );
         }
         jobs.insert(spec.id.clone(), job);
     }
     let summary = queue.summary();
     let total = (summary.pending + summary.skipped) as u64;
     if summary.skipped > 0 {
-        eprintln!("resuming: {} of {} images already in {}", summary.skipped, total, store.dir().display());
+        eprintln!(
+            "resuming: {} of {} images already in {}",
+            summary.skipped,
+            total,
+            store.dir().display()
+        );
     }
-    let bar = if args.quiet { ProgressBar::hidden() } else { ProgressBar::new(total) };
+    let bar = if args.quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(total)
+    };
     bar.set_style(
-        ProgressStyle::with_template("[{elapsed_precise}] {bar:30} {pos}/{len} images (eta {eta}) {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        ProgressStyle::with_template(
+            "[{elapsed_precise}] {bar:30} {pos}/{len} images (eta {eta}) {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     bar.set_position(summary.skipped as u64);
     while let Some(spec) = queue.claim() {
-        let Some(job) = jobs.get(&spec.id) else { continue };
+        let Some(job) = jobs.get(&spec.id) else {
+            continue;
+        };
         let span = tracing::info_span!("job", id = %spec.id, seed = job.seed);
         let mut observer = |e: StepEvent| {
             bar.set_message(format!("{} step {}/{}", spec.id, e.step, e.total));

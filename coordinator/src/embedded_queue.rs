@@ -147,7 +147,10 @@ mod tests {
         let a = q.claim().unwrap();
         assert_eq!(a.index, 0);
         assert!(q.complete(&a.id, "a.png".into()));
-        assert!(!q.complete(&a.id, "again.png".into()), "second completion ignored");
+        assert!(
+            !q.complete(&a.id, "again.png".into()),
+            "second completion ignored"
+        );
         assert_eq!(q.state(&a.id), Some(&JobState::Done("a.png".into())));
         let b = q.claim().unwrap();
         q.fail(&b.id, "boom".into());

@@ -5,6 +5,7 @@
 //! - [`runner`]: a loaded pipeline plus the job → image path.
 
 pub mod contact_sheet;
+pub mod farm;
 pub mod png_output;
 pub mod runner;
 

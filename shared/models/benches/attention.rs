@@ -7,7 +7,7 @@
 
 use std::time::Instant;
 
-use candle_core::{Device, Result, Tensor};
+use candle_core::{Device, IndexOp, Result, Tensor};
 use relayfarm_models::nn::attention::{
     fused_cpu_attention, fused_cpu_attention_portable, naive_attention,
 };
@@ -72,6 +72,11 @@ fn main() -> Result<()> {
         *x = -10000.0;
     }
     let mask = Tensor::from_vec(mask, (b, 1, 1, lk), &dev)?;
+    // The DiT's layout: q/k/v as strided views of one `[B, N, 3, H, Dh]` projection.
+    let qkv = Tensor::randn(0f32, 1.0, (b, lq, 3, h, dh), &dev)?;
+    let qs = qkv.i((.., .., 0))?.transpose(1, 2)?;
+    let ks = qkv.i((.., .., 1))?.transpose(1, 2)?;
+    let vs = qkv.i((.., .., 2))?.transpose(1, 2)?;
 
     type Case<'a> = (String, Box<dyn Fn() -> Result<Tensor> + 'a>);
     let self_name = "self_2x16x1024x72";
@@ -88,6 +93,10 @@ fn main() -> Result<()> {
         (
             format!("fused_portable_{self_name}"),
             Box::new(|| fused_cpu_attention_portable(&q, &k, &v, None, scale)),
+        ),
+        (
+            format!("fused_{self_name}_qkv_strided"),
+            Box::new(|| fused_cpu_attention(&qs, &ks, &vs, None, scale)),
         ),
         (
             format!("naive_{cross_name}"),

@@ -5,7 +5,8 @@
 //! Model: 28 blocks, 16 heads × 72, patch 2, caption 4096 → 1152, in 4 / out 8, sample_size 64,
 //! interpolation_scale 1 (the configuration of `scripts/bench_reference.py`). Input: a 64×64
 //! latent (512×512 px) in a batch of 2 (CFG), 300 text tokens with an all-ones mask, f32.
-//! One warm-up forward, then `BENCH_ITERS` (default 3) timed ones. Prints JSON lines:
+//! One warm-up forward, then `BENCH_ITERS` (default 3) timed ones (`BENCH_FILTER=substring`
+//! picks the lines to run). Prints JSON lines:
 //! - `pixart_xl2_512_b2_forward`: median wall time and CPU time (all threads) per forward;
 //! - `pixart_xl2_512_b2_attention_only`: the same model's 28 self- and 28 cross-attention calls
 //!   alone (same shapes and strided layouts as inside the blocks), to split the forward into
@@ -117,7 +118,13 @@ fn main() -> anyhow::Result<()> {
         assert_eq!(out.dims(), &[b, 8, 64, 64]);
         Ok(())
     };
-    report("pixart_xl2_512_b2_forward", measure(iters, forward)?);
+    let only = std::env::var("BENCH_FILTER").unwrap_or_default();
+    if "pixart_xl2_512_b2_forward".contains(&only) {
+        report("pixart_xl2_512_b2_forward", measure(iters, forward)?);
+    }
+    if !"pixart_xl2_512_b2_attention_only".contains(&only) {
+        return Ok(());
+    }
 
     // The attention calls of one forward, laid out as the blocks lay them out: q/k/v are
     // strided views of the fused `[B, N, 3, H, Dh]` projection (self) and of `[B, L, 2, H, Dh]`

@@ -16,6 +16,7 @@ pub mod denoiser;
 pub mod dtype;
 pub mod error;
 pub mod nn;
+pub mod parallel;
 pub mod pipeline;
 pub mod scheduler;
 pub mod text_encoder;

@@ -534,6 +534,12 @@ pub(crate) mod fused {
             self.weight.dims()[0]
         }
 
+        /// Bytes of the weight and of the bias tensor (0 without one).
+        pub(crate) fn byte_sizes(&self) -> (usize, usize) {
+            let size = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+            (size(&self.weight), self.bias.as_ref().map_or(0, size))
+        }
+
         fn cpu_op(&self, x: &Tensor) -> Option<LinearOp<'_>> {
             match &self.bias_host {
                 Some(bias) if is_cpu_f32(x) => Some(LinearOp {

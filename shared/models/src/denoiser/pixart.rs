@@ -18,11 +18,19 @@
 //!
 //! Optional KV token compression of self-attention (original PixArt-Σ code only) is set with
 //! [`PixArtOptions::kv_compress`]; see [`crate::denoiser::kv_compress`].
+//!
+//! Tensor parallelism ([`PixArtTransformer::new_sharded`], see [`crate::parallel`]): each of
+//! `N` ranks holds `heads / N` attention heads of both attentions (`to_q/to_k/to_v`
+//! column-parallel, `to_out.0` row-parallel) and `4D / N` feed-forward hidden columns
+//! (`ff.net.0.proj` column-parallel, `ff.net.2` row-parallel); one all-reduce follows each
+//! row-parallel projection (three per block), whose bias rank 0 adds. Patch and timestep
+//! embeddings, adaLN, the caption projection, the modulation tables and `proj_out` are
+//! replicated, so every rank holds the full activations and produces the full output.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
-use candle_core::{DType, Device, IndexOp, Tensor};
+use candle_core::{DType, Device, IndexOp, Shape, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
@@ -31,6 +39,7 @@ use super::kv_compress::{KvCompress, KvCompressConfig};
 use crate::checkpoint::ComponentFolder;
 use crate::nn::attention::scaled_dot_product_attention;
 use crate::nn::embeddings::{get_2d_sincos_pos_embed, TimestepEmbedding, Timesteps};
+use crate::parallel::{Collective, ShardSpec, ShardedWeights, WeightFootprint};
 use crate::{ModelError, Result, RunDtype};
 
 /// Component name used in error messages.
@@ -325,6 +334,94 @@ struct NormAffine {
     bias: Tensor,
 }
 
+/// Where the weights come from: the whole checkpoint, or one rank's slices of it.
+#[derive(Clone)]
+enum Source<'a> {
+    Whole(VarBuilder<'a>),
+    Shard(ShardedWeights),
+}
+
+impl<'a> Source<'a> {
+    fn pp(&self, name: impl ToString) -> Self {
+        match self {
+            Source::Whole(vb) => Source::Whole(vb.pp(name)),
+            Source::Shard(sw) => Source::Shard(sw.pp(name)),
+        }
+    }
+
+    /// Whole tensors under this prefix, for replicated layers.
+    fn vb(&self) -> VarBuilder<'a> {
+        match self {
+            Source::Whole(vb) => vb.clone(),
+            Source::Shard(sw) => sw.var_builder(),
+        }
+    }
+
+    fn dtype(&self) -> DType {
+        match self {
+            Source::Whole(vb) => vb.dtype(),
+            Source::Shard(sw) => sw.dtype(),
+        }
+    }
+
+    fn device(&self) -> &Device {
+        match self {
+            Source::Whole(vb) => vb.device(),
+            Source::Shard(sw) => sw.device(),
+        }
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        match self {
+            Source::Whole(vb) => vb.contains_tensor(name),
+            Source::Shard(sw) => sw.contains_tensor(name),
+        }
+    }
+
+    /// A replicated tensor.
+    fn get(&self, shape: impl Into<Shape>, name: &str) -> Result<Tensor> {
+        match self {
+            Source::Whole(vb) => Ok(vb.get(shape, name)?),
+            Source::Shard(sw) => sw.get(shape, name),
+        }
+    }
+
+    /// A replicated linear layer.
+    fn linear(&self, in_dim: usize, out_dim: usize, bias: bool) -> Result<FusedLinear> {
+        FusedLinear::load(in_dim, out_dim, bias, self.vb())
+    }
+
+    /// A column-parallel linear layer: this rank's output rows (and bias entries).
+    fn column(&self, in_dim: usize, out_dim: usize, bias: bool) -> Result<FusedLinear> {
+        match self {
+            Source::Whole(vb) => FusedLinear::load(in_dim, out_dim, bias, vb.clone()),
+            Source::Shard(sw) => {
+                let b = if bias {
+                    Some(sw.column_bias(out_dim, "bias")?)
+                } else {
+                    None
+                };
+                FusedLinear::new(sw.column_weight(out_dim, in_dim, "weight")?, b)
+            }
+        }
+    }
+
+    /// A row-parallel linear layer: this rank's input columns; the bias on rank 0 only.
+    fn row(&self, in_dim: usize, out_dim: usize, bias: bool) -> Result<FusedLinear> {
+        match self {
+            Source::Whole(vb) => FusedLinear::load(in_dim, out_dim, bias, vb.clone()),
+            Source::Shard(sw) => {
+                let b = if bias {
+                    sw.row_bias(out_dim, "bias")?
+                } else {
+                    None
+                };
+                FusedLinear::new(sw.row_weight(out_dim, in_dim, "weight")?, b)
+            }
+        }
+    }
+}
+
 /// One `BasicTransformerBlock` with `ada_norm_single`.
 #[derive(Debug, Clone)]
 struct Block {
@@ -386,42 +483,46 @@ struct StepContext<'a> {
 }
 
 impl Block {
+    /// Loads block weights; with a sharded source, this rank's heads and hidden columns
+    /// (`local_dim = D / ranks` attention channels).
     fn new(
         cfg: &PixArtConfig,
-        vb: VarBuilder,
+        src: &Source,
         kv_compress: Option<&KvCompressConfig>,
+        local_dim: usize,
     ) -> Result<Self> {
         let d = cfg.inner_dim();
         let cross = cfg.cross_attention_dim.unwrap_or(d);
         let bias = cfg.attention_bias;
-        let a1 = vb.pp("attn1");
+        let a1 = src.pp("attn1");
         let qkv = FusedLinear::concat(&[
-            FusedLinear::load(d, d, bias, a1.pp("to_q"))?,
-            FusedLinear::load(d, d, bias, a1.pp("to_k"))?,
-            FusedLinear::load(d, d, bias, a1.pp("to_v"))?,
+            a1.pp("to_q").column(d, d, bias)?,
+            a1.pp("to_k").column(d, d, bias)?,
+            a1.pp("to_v").column(d, d, bias)?,
         ])?;
-        let attn1_out = FusedLinear::load(d, d, true, a1.pp("to_out").pp("0"))?;
+        let attn1_out = a1.pp("to_out").pp("0").row(d, d, true)?;
         let kv_compress = match kv_compress {
-            Some(kc) => Some(KvCompress::new(kc, d, a1.clone())?),
+            Some(kc) => Some(KvCompress::new(kc, local_dim, a1.vb())?),
             None => None,
         };
-        let a2 = vb.pp("attn2");
-        let attn2_q = FusedLinear::load(d, d, bias, a2.pp("to_q"))?;
+        let a2 = src.pp("attn2");
+        let attn2_q = a2.pp("to_q").column(d, d, bias)?;
         let attn2_kv = FusedLinear::concat(&[
-            FusedLinear::load(cross, d, bias, a2.pp("to_k"))?,
-            FusedLinear::load(cross, d, bias, a2.pp("to_v"))?,
+            a2.pp("to_k").column(cross, d, bias)?,
+            a2.pp("to_v").column(cross, d, bias)?,
         ])?;
-        let attn2_out = FusedLinear::load(d, d, true, a2.pp("to_out").pp("0"))?;
-        let ff_in = FusedLinear::load(d, 4 * d, true, vb.pp("ff").pp("net").pp("0").pp("proj"))?;
-        let ff_out = FusedLinear::load(4 * d, d, true, vb.pp("ff").pp("net").pp("2"))?;
-        let scale_shift_table = vb.get((6, d), "scale_shift_table")?;
+        let attn2_out = a2.pp("to_out").pp("0").row(d, d, true)?;
+        let ff = src.pp("ff").pp("net");
+        let ff_in = ff.pp("0").pp("proj").column(d, 4 * d, true)?;
+        let ff_out = ff.pp("2").row(4 * d, d, true)?;
+        let scale_shift_table = src.get((6, d), "scale_shift_table")?;
         let norm = |name: &str| -> Result<Option<NormAffine>> {
             if !cfg.norm_elementwise_affine {
                 return Ok(None);
             }
             Ok(Some(NormAffine {
-                weight: vb.get(d, &format!("{name}.weight"))?,
-                bias: vb.get(d, &format!("{name}.bias"))?,
+                weight: src.get(d, &format!("{name}.weight"))?,
+                bias: src.get(d, &format!("{name}.bias"))?,
             }))
         };
         Ok(Self {
@@ -437,6 +538,24 @@ impl Block {
             ff_in,
             ff_out,
         })
+    }
+
+    /// Bytes held, split as in [`WeightFootprint`] (KV-compression weights not counted).
+    fn footprint(&self, f: &mut WeightFootprint) {
+        for l in [&self.qkv, &self.attn2_q, &self.attn2_kv, &self.ff_in] {
+            let (w, b) = l.byte_sizes();
+            f.sharded += w + b;
+        }
+        for l in [&self.attn1_out, &self.attn2_out, &self.ff_out] {
+            let (w, b) = l.byte_sizes();
+            f.sharded += w;
+            f.replicated += b;
+        }
+        f.replicated += WeightFootprint::bytes_of(&self.scale_shift_table);
+        for n in [&self.norm1, &self.norm2].into_iter().flatten() {
+            f.replicated +=
+                WeightFootprint::bytes_of(&n.weight) + WeightFootprint::bytes_of(&n.bias);
+        }
     }
 
     /// `(alpha, beta)` so that `LN_affine(x)(1+scale)+shift = norm(x)·alpha + beta`.
@@ -462,9 +581,11 @@ impl Block {
         ctx: &StepContext,
         model: &PixArtTransformer,
     ) -> Result<Tensor> {
-        let (b, n, d) = x.dims3()?;
+        let (b, n, _) = x.dims3()?;
+        // This rank's heads (all of them without tensor parallelism).
         let heads = model.heads;
         let dh = model.head_dim;
+        let d = heads * dh;
         let eps = model.norm_eps;
         // (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp), each [B, D].
         let m = self.scale_shift_table.unsqueeze(0)?.broadcast_add(ctx.t6)?;
@@ -494,7 +615,7 @@ impl Block {
         };
         let o = scaled_dot_product_attention(&q, &k, &v, None, model.attn_scale)?;
         let o = o.transpose(1, 2)?.reshape((b, n, d))?;
-        let o = self.attn1_out.forward(&o)?;
+        let o = model.reduce(self.attn1_out.forward(&o)?)?;
         let x = gated_add(x, &o, &chunk(2)?)?;
 
         // 2. Cross-attention: no norm, no gate.
@@ -516,7 +637,10 @@ impl Block {
         let v = kv.i((.., .., 1))?.transpose(1, 2)?;
         let o = scaled_dot_product_attention(&q, &k, &v, ctx.text_bias, model.attn_scale)?;
         let o = o.transpose(1, 2)?.reshape((b, n, d))?;
-        let x = self.attn2_out.forward_residual(&o, &x)?;
+        let x = match &model.tp {
+            None => self.attn2_out.forward_residual(&o, &x)?,
+            Some(c) => (c.all_reduce_sum(&self.attn2_out.forward(&o)?)? + &x)?,
+        };
 
         // 3. Feed-forward (the block's `norm2`).
         let (alpha, beta) = Self::modulation(self.norm2.as_ref(), &chunk(3)?, &chunk(4)?)?;
@@ -525,7 +649,7 @@ impl Block {
             Activation::GeluTanh => self.ff_in.forward_gelu(&h)?,
             Activation::GeluErf => self.ff_in.forward(&h)?.gelu_erf()?,
         };
-        let h = self.ff_out.forward(&h)?;
+        let h = model.reduce(self.ff_out.forward(&h)?)?;
         gated_add(&x, &h, &chunk(5)?)
     }
 }
@@ -558,12 +682,92 @@ pub struct PixArtTransformer {
     proj_out: FusedLinear,
     /// 2-D position tables (f32, `[1, N, D]`) by token grid `(gh, gw)`.
     pos_cache: Mutex<HashMap<(usize, usize), Tensor>>,
+    /// The tensor-parallel group, when the blocks hold one rank's slices.
+    tp: Option<Arc<dyn Collective>>,
 }
 
 impl PixArtTransformer {
     /// Builds the model from `cfg` and weights under `vb` (the component root).
     pub fn new(cfg: &PixArtConfig, vb: VarBuilder, opts: &PixArtOptions) -> Result<Self> {
+        Self::build(cfg, Source::Whole(vb), opts, None)
+    }
+
+    /// Builds one rank of a tensor-parallel model: `weights` reads this rank's slices (its
+    /// `ShardSpec` must match `collective`'s rank and world size), and every rank must run the
+    /// same forward calls, in the same order, on the same inputs. The result of each forward is
+    /// the full output on every rank.
+    ///
+    /// Errors when the heads (or the feed-forward width) do not divide by the number of ranks,
+    /// and for `conv` KV compression (its LayerNorm spans all channels).
+    pub fn new_sharded(
+        cfg: &PixArtConfig,
+        weights: ShardedWeights,
+        opts: &PixArtOptions,
+        collective: Arc<dyn Collective>,
+    ) -> Result<Self> {
+        let want = ShardSpec::new(collective.rank(), collective.world_size())?;
+        if weights.shard() != want {
+            return Err(ModelError::invalid(
+                "tensor parallel",
+                format!(
+                    "weights sharded for {:?} but the collective is rank {} of {}",
+                    weights.shard(),
+                    want.rank,
+                    want.world
+                ),
+            ));
+        }
+        Self::build(cfg, Source::Shard(weights), opts, Some(collective))
+    }
+
+    fn check_tensor_parallel(cfg: &PixArtConfig, opts: &PixArtOptions, world: usize) -> Result<()> {
+        if world <= 1 {
+            return Ok(());
+        }
+        let heads = cfg.num_attention_heads;
+        if !heads.is_multiple_of(world) {
+            let fits: Vec<String> = (1..=heads)
+                .filter(|n| heads.is_multiple_of(*n))
+                .map(|n| n.to_string())
+                .collect();
+            return Err(PixArtConfig::unsupported(
+                "num_attention_heads",
+                heads,
+                &format!(
+                    "tensor parallelism over {world} ranks splits whole heads, so the heads must divide by {world}; use {} ranks",
+                    fits.join(", ")
+                ),
+            ));
+        }
+        let hidden = 4 * cfg.inner_dim();
+        if !hidden.is_multiple_of(world) {
+            return Err(PixArtConfig::unsupported(
+                "feed-forward width",
+                hidden,
+                &format!("must divide by the {world} tensor-parallel ranks"),
+            ));
+        }
+        if let Some(kc) = &opts.kv_compress {
+            if kc.sampling == super::kv_compress::KvSampling::Conv {
+                return Err(PixArtConfig::unsupported(
+                    "kv_compress.sampling",
+                    "conv",
+                    "its LayerNorm spans all channels, which tensor parallelism splits; use uniform or ave sampling, or one rank",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn build(
+        cfg: &PixArtConfig,
+        vb: Source,
+        opts: &PixArtOptions,
+        tp: Option<Arc<dyn Collective>>,
+    ) -> Result<Self> {
         cfg.validate()?;
+        let world = tp.as_ref().map_or(1, |c| c.world_size());
+        Self::check_tensor_parallel(cfg, opts, world)?;
         if cfg.use_additional_conditions.is_none()
             && vb.contains_tensor("adaln_single.emb.resolution_embedder.linear_1.weight")
         {
@@ -594,8 +798,8 @@ impl PixArtTransformer {
             Some(cc) => {
                 let cp = vb.pp("caption_projection");
                 Some((
-                    FusedLinear::load(cc, d, true, cp.pp("linear_1"))?,
-                    FusedLinear::load(d, d, true, cp.pp("linear_2"))?,
+                    cp.pp("linear_1").linear(cc, d, true)?,
+                    cp.pp("linear_2").linear(d, d, true)?,
                 ))
             }
             None => None,
@@ -604,8 +808,8 @@ impl PixArtTransformer {
         let time_proj = Timesteps::new(TIME_PROJ_DIM, true, 0.0, &device)?;
         let ada = vb.pp("adaln_single");
         let time_embed =
-            TimestepEmbedding::new(TIME_PROJ_DIM, d, ada.pp("emb").pp("timestep_embedder"))?;
-        let adaln_linear = FusedLinear::load(d, 6 * d, true, ada.pp("linear"))?;
+            TimestepEmbedding::new(TIME_PROJ_DIM, d, ada.pp("emb").pp("timestep_embedder").vb())?;
+        let adaln_linear = ada.pp("linear").linear(d, 6 * d, true)?;
 
         let mut blocks = Vec::with_capacity(cfg.num_layers);
         let mut untrained_kv = Vec::new();
@@ -615,7 +819,7 @@ impl PixArtTransformer {
                 .kv_compress
                 .as_ref()
                 .filter(|kc| kc.layers.contains(&i));
-            let block = Block::new(cfg, vbb.pp(i), kc)?;
+            let block = Block::new(cfg, &vbb.pp(i), kc, d / world)?;
             if let Some(kvc) = &block.kv_compress {
                 if !kvc.has_trained_weights() {
                     untrained_kv.push(i);
@@ -632,7 +836,7 @@ impl PixArtTransformer {
         }
 
         let scale_shift_table = vb.get((2, d), "scale_shift_table")?;
-        let proj_out = FusedLinear::load(d, p * p * out_channels, true, vb.pp("proj_out"))?;
+        let proj_out = vb.pp("proj_out").linear(d, p * p * out_channels, true)?;
         let activation = if cfg.activation_fn == "gelu" {
             Activation::GeluErf
         } else {
@@ -642,7 +846,7 @@ impl PixArtTransformer {
             cfg: cfg.clone(),
             dtype,
             device,
-            heads: cfg.num_attention_heads,
+            heads: cfg.num_attention_heads / world,
             head_dim: cfg.attention_head_dim,
             inner_dim: d,
             out_channels,
@@ -658,7 +862,77 @@ impl PixArtTransformer {
             scale_shift_table,
             proj_out,
             pos_cache: Mutex::new(HashMap::new()),
+            tp,
         })
+    }
+
+    /// Loads this rank's part of `transformer/` for the tensor-parallel group of
+    /// `collective` (see [`PixArtTransformer::new_sharded`]): only the rank's slices of the
+    /// split weights are read from the memory-mapped files.
+    pub fn load_sharded(
+        component: &ComponentFolder,
+        dtype: RunDtype,
+        device: &Device,
+        variant: Option<&str>,
+        opts: &PixArtOptions,
+        collective: Arc<dyn Collective>,
+    ) -> Result<Self> {
+        Self::check_class(component)?;
+        let cfg: PixArtConfig = component.config()?;
+        let shard = ShardSpec::new(collective.rank(), collective.world_size())?;
+        let weights = ShardedWeights::from_component(component, dtype, device, variant, shard)?;
+        Self::new_sharded(&cfg, weights, opts, collective)
+    }
+
+    fn check_class(component: &ComponentFolder) -> Result<()> {
+        if !ACCEPTED_CLASSES.contains(&component.class()) {
+            return Err(ModelError::UnknownClass {
+                what: format!("`{}` component", component.name()),
+                class: component.class().to_string(),
+                supported: ACCEPTED_CLASSES.join(", "),
+            });
+        }
+        Ok(())
+    }
+
+    /// This rank and the number of ranks (`(0, 1)` without tensor parallelism).
+    pub fn tensor_parallel_rank(&self) -> (usize, usize) {
+        self.tp
+            .as_ref()
+            .map_or((0, 1), |c| (c.rank(), c.world_size()))
+    }
+
+    /// Bytes of the weights this rank holds, split into tensor-parallel slices and replicated
+    /// tensors (KV-compression weights are not counted).
+    pub fn weight_footprint(&self) -> WeightFootprint {
+        let mut f = WeightFootprint::default();
+        let mut add = |l: &FusedLinear| {
+            let (w, b) = l.byte_sizes();
+            f.replicated += w + b;
+        };
+        add(&self.patch_proj);
+        if let Some((l1, l2)) = &self.caption {
+            add(l1);
+            add(l2);
+        }
+        add(&self.adaln_linear);
+        add(&self.proj_out);
+        // The timestep MLP (256 → D → D, with biases).
+        let d = self.inner_dim;
+        f.replicated += (TIME_PROJ_DIM * d + d + d * d + d) * self.dtype.size_in_bytes();
+        f.replicated += WeightFootprint::bytes_of(&self.scale_shift_table);
+        for b in &self.blocks {
+            b.footprint(&mut f);
+        }
+        f
+    }
+
+    /// Sums a row-parallel projection's partial outputs over the ranks (identity on one rank).
+    fn reduce(&self, partial: Tensor) -> Result<Tensor> {
+        match &self.tp {
+            Some(c) => c.all_reduce_sum(&partial),
+            None => Ok(partial),
+        }
     }
 
     /// Loads `transformer/` (its `config.json` and weights) in `dtype` on `device`.
@@ -679,13 +953,7 @@ impl PixArtTransformer {
         variant: Option<&str>,
         opts: &PixArtOptions,
     ) -> Result<Self> {
-        if !ACCEPTED_CLASSES.contains(&component.class()) {
-            return Err(ModelError::UnknownClass {
-                what: format!("`{}` component", component.name()),
-                class: component.class().to_string(),
-                supported: ACCEPTED_CLASSES.join(", "),
-            });
-        }
+        Self::check_class(component)?;
         let cfg: PixArtConfig = component.config()?;
         let vb = component.var_builder(dtype, device, variant)?;
         Self::new(&cfg, vb, opts)

@@ -10,8 +10,17 @@
 //! - decode `latents / scaling_factor`, resolution binning (resize + centre crop on the
 //!   [−1, 1] image), then `(x/2 + 0.5).clamp(0, 1)`.
 //!
+//!
+//! With [`PipelineOptions::tensor_parallel`] `N > 1` the denoiser runs over `N` ranks
+//! (see [`crate::parallel`]): rank 0 is the calling thread, which also runs the text encoder
+//! and the VAE; ranks `1..N` are threads that each hold their shard of the denoiser. Per job,
+//! rank 0 broadcasts the prompt embeddings, mask and initial noise; every rank then runs the
+//! same scheduler loop on the full latents (identical on all ranks), and rank 0 returns the
+//! final latents. Cancellation is agreed at each step boundary (rank 0 broadcasts it).
+//!
 //! ```text
 //! relayfarm render --model tests/fixtures/pixart-sigma-tiny --prompt "a red cabin" --output cabin.png
+//! relayfarm render --model tests/fixtures/pixart-sigma-tiny --prompt "a red cabin" --tp 2
 //! ```
 
 use super::noise::randn;
@@ -19,14 +28,18 @@ use super::resolution::{bin_table_for_sample_size, classify_height_width_bin, re
 use super::{GenerateRequest, Generated, SizePlan, StepEvent, StepObserver};
 use crate::checkpoint::{ComponentFolder, PipelineFolder};
 use crate::denoiser::pixart::{PixArtOptions, PixArtTransformer};
+use crate::parallel::{
+    broadcast_from, Collective, InProcessCollective, RankAbort, RankJob, RankThreads,
+};
 use crate::scheduler;
 use crate::text_encoder::t5::T5Encoder;
 use crate::tokenizer::t5::T5Tokenizer;
 use crate::vae::autoencoder_kl::AutoencoderKL;
 use crate::{ModelError, Result, RunDtype};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, DeviceLocation, Tensor};
 use std::ops::ControlFlow;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 
 /// How to load a pipeline.
 #[derive(Debug, Clone)]
@@ -42,13 +55,20 @@ pub struct PipelineOptions {
     pub transformer_dir: Option<PathBuf>,
     /// Denoiser options (KV token compression).
     pub transformer: PixArtOptions,
+    /// Tensor-parallel ranks for the denoiser (1: off). On the CPU the ranks are threads of
+    /// this process; on `cuda:K` rank `r` uses GPU `K + r` and NCCL (feature `cuda`). The
+    /// attention heads must divide by it (16 for PixArt-Σ XL: 1, 2, 4, 8 or 16).
+    pub tensor_parallel: usize,
 }
 
 /// The PixArt-Σ pipeline: T5 tokenizer and encoder, PixArt transformer, SDXL VAE, DPM-Solver.
 pub struct PixArtSigmaPipeline {
     tokenizer: T5Tokenizer,
     text_encoder: T5Encoder,
+    /// The denoiser, or its rank-0 shard with tensor parallelism.
     transformer: PixArtTransformer,
+    /// Ranks `1..N` of a tensor-parallel denoiser.
+    tp: Option<TensorParallel>,
     vae: AutoencoderKL,
     scheduler: ComponentFolder,
     scheduler_name: String,
@@ -81,6 +101,7 @@ impl PipelineOptions {
             variant: None,
             transformer_dir: None,
             transformer: PixArtOptions::default(),
+            tensor_parallel: 1,
         }
     }
 }
@@ -109,11 +130,16 @@ impl PixArtSigmaPipeline {
         let te = folder.component("text_encoder", &["T5EncoderModel"])?;
         let text_encoder = T5Encoder::load(&te, opts.dtype, device)?;
         let tr = match &opts.transformer_dir {
-            Some(dir) => ComponentFolder::open(dir, "transformer", "PixArtTransformer2DModel".into())?
-                .with_variant(opts.variant.clone()),
-            None => folder.component("transformer", &["PixArtTransformer2DModel", "Transformer2DModel"])?,
+            Some(dir) => {
+                ComponentFolder::open(dir, "transformer", "PixArtTransformer2DModel".into())?
+                    .with_variant(opts.variant.clone())
+            }
+            None => folder.component(
+                "transformer",
+                &["PixArtTransformer2DModel", "Transformer2DModel"],
+            )?,
         };
-        let transformer = PixArtTransformer::load(&tr, opts.dtype, device, &opts.transformer)?;
+        let (transformer, tp) = load_denoiser(&tr, opts)?;
         let vae_dir = folder.component("vae", &["AutoencoderKL"])?;
         let vae = AutoencoderKL::load(&vae_dir, opts.dtype, device)?;
         let sched_dir = folder.component("scheduler", &[])?;
@@ -123,6 +149,7 @@ impl PixArtSigmaPipeline {
             tokenizer,
             text_encoder,
             transformer,
+            tp,
             vae,
             scheduler: sched_dir,
             scheduler_name,
@@ -162,7 +189,12 @@ impl PixArtSigmaPipeline {
     }
 
     /// Resolves and checks the sizes of a request before any work is done.
-    pub fn plan_size(&self, height: Option<u32>, width: Option<u32>, binning: bool) -> Result<SizePlan> {
+    pub fn plan_size(
+        &self,
+        height: Option<u32>,
+        width: Option<u32>,
+        binning: bool,
+    ) -> Result<SizePlan> {
         let default = self.default_size();
         let height = height.map(|h| h as usize).unwrap_or(default);
         let width = width.map(|w| w as usize).unwrap_or(default);
@@ -207,19 +239,33 @@ impl PixArtSigmaPipeline {
     /// The latent shape `[1, C, h, w]` for a size plan.
     pub fn latent_shape(&self, plan: &SizePlan) -> [usize; 4] {
         let f = self.vae_scale_factor();
-        [1, self.latent_channels(), plan.gen_height / f, plan.gen_width / f]
+        [
+            1,
+            self.latent_channels(),
+            plan.gen_height / f,
+            plan.gen_width / f,
+        ]
     }
 
     /// Checks every parameter of a request; returns its size plan.
     pub fn validate(&self, req: &GenerateRequest) -> Result<SizePlan> {
         if req.steps == 0 {
-            return Err(ModelError::invalid("steps", "must be at least 1 (PixArt-Σ default: 20)"));
+            return Err(ModelError::invalid(
+                "steps",
+                "must be at least 1 (PixArt-Σ default: 20)",
+            ));
         }
         if req.steps > 1000 {
-            return Err(ModelError::invalid("steps", format!("{} exceeds the 1000 training timesteps", req.steps)));
+            return Err(ModelError::invalid(
+                "steps",
+                format!("{} exceeds the 1000 training timesteps", req.steps),
+            ));
         }
         if !req.guidance.is_finite() || req.guidance < 0.0 {
-            return Err(ModelError::invalid("guidance", format!("{} must be a finite number ≥ 0 (default 4.5)", req.guidance)));
+            return Err(ModelError::invalid(
+                "guidance",
+                format!("{} must be a finite number ≥ 0 (default 4.5)", req.guidance),
+            ));
         }
         let plan = self.plan_size(req.height, req.width, req.resolution_binning)?;
         if let Some(l) = &req.latents {
@@ -267,7 +313,12 @@ impl PixArtSigmaPipeline {
     }
 
     /// Stage 1: encode the prompt (and the negative prompt when CFG is on).
-    pub fn encode_prompt(&self, prompt: &str, negative_prompt: &str, guidance: f64) -> Result<PromptEmbeds> {
+    pub fn encode_prompt(
+        &self,
+        prompt: &str,
+        negative_prompt: &str,
+        guidance: f64,
+    ) -> Result<PromptEmbeds> {
         let _span = tracing::info_span!("encode_text").entered();
         let cfg = guidance > 1.0;
         let (cond, cond_mask) = self.encode_one(prompt)?;
@@ -290,7 +341,10 @@ impl PixArtSigmaPipeline {
     pub fn initial_noise(&self, req: &GenerateRequest, plan: &SizePlan) -> Result<Tensor> {
         let shape = self.latent_shape(plan);
         match &req.latents {
-            Some(l) => Ok(l.to_dtype(DType::F32)?.reshape(&shape[..])?.to_device(&self.device)?),
+            Some(l) => Ok(l
+                .to_dtype(DType::F32)?
+                .reshape(&shape[..])?
+                .to_device(&self.device)?),
             None => Ok(randn(req.seed, &shape, &self.device)?),
         }
     }
@@ -306,50 +360,95 @@ impl PixArtSigmaPipeline {
         observer: &mut dyn StepObserver,
     ) -> Result<Tensor> {
         let _span = tracing::info_span!("denoise", steps).entered();
-        let mut sched = scheduler::from_folder(&self.scheduler)?;
-        sched.set_timesteps(steps)?;
-        let timesteps = sched.timesteps().to_vec();
-        let dt = self.dtype.dtype();
-        let in_ch = self.latent_channels();
-        let out_ch = self.transformer.out_channels();
-        let enc = embeds.embeds.to_dtype(dt)?;
-        let batch = enc.dim(0)?;
-        // Caption projection, mask bias and every block's cross-attention K/V depend only on
-        // the prompt: compute them once per job, not once per step.
-        let text = self.transformer.encode_text(&enc, Some(&embeds.mask))?;
-        let mut latents = noise.to_dtype(DType::F32)?.affine(sched.init_noise_sigma(), 0.0)?;
-        let total = timesteps.len();
-        for (i, &t) in timesteps.iter().enumerate() {
-            let model_in = if embeds.cfg {
-                Tensor::cat(&[&latents, &latents], 0)?
-            } else {
-                latents.clone()
-            };
-            let model_in = sched.scale_model_input(model_in, i)?.to_dtype(dt)?;
-            let t_batch = Tensor::full(t as f32, batch, &self.device)?;
-            let out = self
-                .transformer
-                .forward_with_text(&model_in, &t_batch, &text)?
-                .to_dtype(DType::F32)?;
-            let out = if embeds.cfg {
-                let u = out.narrow(0, 0, 1)?;
-                let c = out.narrow(0, 1, 1)?;
-                (&u + ((c - &u)? * guidance)?)?
-            } else {
-                out
-            };
-            let eps = if out_ch == 2 * in_ch { out.narrow(1, 0, in_ch)? } else { out };
-            latents = sched.step(&eps, i, &latents)?;
-            let event = StepEvent {
-                step: i + 1,
-                total,
-                timestep: t,
-            };
-            if let ControlFlow::Break(()) = observer.on_step(event) {
-                return Err(ModelError::Cancelled { step: i + 1 });
+        match &self.tp {
+            None => denoise_loop(
+                &self.transformer,
+                &self.scheduler,
+                embeds,
+                noise,
+                steps,
+                guidance,
+                &mut |e| Ok(observer.on_step(e)),
+            ),
+            Some(tp) => self.denoise_parallel(tp, embeds, noise, steps, guidance, observer),
+        }
+    }
+
+    /// Tensor-parallel ranks of the denoiser (1 without tensor parallelism).
+    pub fn tensor_parallel(&self) -> usize {
+        self.transformer.tensor_parallel_rank().1
+    }
+
+    fn denoise_parallel(
+        &self,
+        tp: &TensorParallel,
+        embeds: &PromptEmbeds,
+        noise: &Tensor,
+        steps: usize,
+        guidance: f64,
+        observer: &mut dyn StepObserver,
+    ) -> Result<Tensor> {
+        // The ranks run one loop at a time.
+        let mut broken = tp.busy.lock().unwrap_or_else(|p| p.into_inner());
+        if *broken {
+            return Err(ModelError::invalid(
+                "tensor parallel",
+                "a denoiser rank failed in an earlier job and the group cannot be reused; load the pipeline again",
+            ));
+        }
+        let sched = self.scheduler.clone();
+        let cfg = embeds.cfg;
+        let job: RankJob<DenoiserRank> = Arc::new(move |_rank, r: &DenoiserRank| {
+            let result = rank_denoise(
+                &r.transformer,
+                r.collective.as_ref(),
+                &sched,
+                None,
+                RankLoop {
+                    cfg,
+                    steps,
+                    guidance,
+                },
+                None,
+            );
+            if let Err(e) = &result {
+                if !matches!(e, ModelError::Cancelled { .. }) {
+                    r.collective.abort(&e.to_string());
+                }
+            }
+            result.map(|_| ())
+        });
+        let pending = tp.helpers.dispatch(job)?;
+        let r0 = rank_denoise(
+            &self.transformer,
+            tp.rank0.as_ref(),
+            &self.scheduler,
+            Some((embeds, noise)),
+            RankLoop {
+                cfg,
+                steps,
+                guidance,
+            },
+            Some(observer),
+        );
+        if let Err(e) = &r0 {
+            if !matches!(e, ModelError::Cancelled { .. }) {
+                tp.rank0.abort(&e.to_string());
             }
         }
-        Ok(latents)
+        let rest = pending.wait();
+        let failed = |e: Option<&ModelError>| matches!(e, Some(e) if !matches!(e, ModelError::Cancelled { .. }));
+        if failed(r0.as_ref().err()) || failed(rest.as_ref().err()) {
+            match &tp.reset {
+                // Every rank has returned: the in-process group can be cleared and reused.
+                Some(group) => group.reset(),
+                None => *broken = true,
+            }
+        }
+        match (r0, rest) {
+            (Ok(latents), Ok(())) => Ok(latents),
+            (Err(e), _) | (Ok(_), Err(e)) => Err(e),
+        }
     }
 
     /// Stage 3: decode latents to an f32 image in [0, 1] at the requested size.
@@ -364,7 +463,11 @@ impl PixArtSigmaPipeline {
     }
 
     /// Runs the whole pipeline for one request.
-    pub fn generate(&self, req: &GenerateRequest, observer: &mut dyn StepObserver) -> Result<Generated> {
+    pub fn generate(
+        &self,
+        req: &GenerateRequest,
+        observer: &mut dyn StepObserver,
+    ) -> Result<Generated> {
         let plan = self.validate(req)?;
         let noise = self.initial_noise(req, &plan)?;
         let embeds = self.encode_prompt(&req.prompt, &req.negative_prompt, req.guidance)?;
@@ -379,3 +482,265 @@ impl PixArtSigmaPipeline {
     }
 }
 
+/// The denoising loop of one rank (the whole model without tensor parallelism): `noise` is raw
+/// standard-normal noise; returns the final latents (f32). `on_step` decides after each step
+/// whether to go on.
+fn denoise_loop(
+    transformer: &PixArtTransformer,
+    scheduler_dir: &ComponentFolder,
+    embeds: &PromptEmbeds,
+    noise: &Tensor,
+    steps: usize,
+    guidance: f64,
+    on_step: &mut dyn FnMut(StepEvent) -> Result<ControlFlow<()>>,
+) -> Result<Tensor> {
+    let mut sched = scheduler::from_folder(scheduler_dir)?;
+    sched.set_timesteps(steps)?;
+    let timesteps = sched.timesteps().to_vec();
+    let dt = transformer.dtype();
+    let device = transformer.device();
+    let in_ch = transformer.in_channels();
+    let out_ch = transformer.out_channels();
+    let enc = embeds.embeds.to_dtype(dt)?;
+    let batch = enc.dim(0)?;
+    // Caption projection, mask bias and every block's cross-attention K/V depend only on
+    // the prompt: compute them once per job, not once per step.
+    let text = transformer.encode_text(&enc, Some(&embeds.mask))?;
+    let mut latents = noise
+        .to_dtype(DType::F32)?
+        .affine(sched.init_noise_sigma(), 0.0)?;
+    let total = timesteps.len();
+    for (i, &t) in timesteps.iter().enumerate() {
+        let model_in = if embeds.cfg {
+            Tensor::cat(&[&latents, &latents], 0)?
+        } else {
+            latents.clone()
+        };
+        let model_in = sched.scale_model_input(model_in, i)?.to_dtype(dt)?;
+        let t_batch = Tensor::full(t as f32, batch, device)?;
+        let out = transformer
+            .forward_with_text(&model_in, &t_batch, &text)?
+            .to_dtype(DType::F32)?;
+        let out = if embeds.cfg {
+            let u = out.narrow(0, 0, 1)?;
+            let c = out.narrow(0, 1, 1)?;
+            (&u + ((c - &u)? * guidance)?)?
+        } else {
+            out
+        };
+        let eps = if out_ch == 2 * in_ch {
+            out.narrow(1, 0, in_ch)?
+        } else {
+            out
+        };
+        latents = sched.step(&eps, i, &latents)?;
+        let event = StepEvent {
+            step: i + 1,
+            total,
+            timestep: t,
+        };
+        if let ControlFlow::Break(()) = on_step(event)? {
+            return Err(ModelError::Cancelled { step: i + 1 });
+        }
+    }
+    Ok(latents)
+}
+
+// ------------------------------------------------------------------ tensor parallelism
+
+/// One helper rank of a tensor-parallel denoiser: its shard and its collective.
+struct DenoiserRank {
+    transformer: PixArtTransformer,
+    collective: Arc<dyn Collective>,
+}
+
+/// Ranks `1..N` of a tensor-parallel denoiser; rank 0 is [`PixArtSigmaPipeline`]'s own
+/// transformer, run on the caller's thread.
+struct TensorParallel {
+    helpers: RankThreads<DenoiserRank>,
+    rank0: Arc<dyn Collective>,
+    /// The in-process group, cleared after a failed job; `None` for NCCL, whose
+    /// communicators cannot be reused after an abort.
+    reset: Option<InProcessCollective>,
+    /// Held while a loop runs; `true` once the group is unusable.
+    busy: Mutex<bool>,
+}
+
+/// The scalar settings of a loop, the same on every rank.
+#[derive(Debug, Clone, Copy)]
+struct RankLoop {
+    cfg: bool,
+    steps: usize,
+    guidance: f64,
+}
+
+/// One rank's part of a tensor-parallel loop. Rank 0 passes the job's embeddings and noise
+/// and the observer, and broadcasts them; the other ranks pass `None` and receive them.
+fn rank_denoise(
+    transformer: &PixArtTransformer,
+    coll: &dyn Collective,
+    scheduler_dir: &ComponentFolder,
+    job: Option<(&PromptEmbeds, &Tensor)>,
+    settings: RankLoop,
+    mut observer: Option<&mut dyn StepObserver>,
+) -> Result<Tensor> {
+    let dev = transformer.device();
+    let embeds = broadcast_from(coll, job.map(|(e, _)| &e.embeds), 0, dev)?;
+    let mask = broadcast_from(coll, job.map(|(e, _)| &e.mask), 0, dev)?;
+    let noise = broadcast_from(coll, job.map(|(_, n)| n), 0, dev)?;
+    let embeds = PromptEmbeds {
+        embeds,
+        mask,
+        cfg: settings.cfg,
+    };
+    let mut on_step = |e: StepEvent| -> Result<ControlFlow<()>> {
+        let stop = match observer.as_mut() {
+            Some(o) => o.on_step(e).is_break(),
+            None => false,
+        };
+        let flag = Tensor::new(&[u32::from(stop)], dev)?;
+        let agreed = coll.broadcast(&flag, 0)?.to_vec1::<u32>()?;
+        Ok(if agreed.first() == Some(&1) {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        })
+    };
+    denoise_loop(
+        transformer,
+        scheduler_dir,
+        &embeds,
+        &noise,
+        settings.steps,
+        settings.guidance,
+        &mut on_step,
+    )
+}
+
+/// The devices of the ranks: all the CPU, or consecutive GPUs from `device`'s.
+fn rank_devices(device: &Device, n: usize) -> Result<Vec<Device>> {
+    match device.location() {
+        DeviceLocation::Cpu => Ok(vec![Device::Cpu; n]),
+        DeviceLocation::Cuda { gpu_id } => {
+            let mut devices = vec![device.clone()];
+            for r in 1..n {
+                devices.push(Device::new_cuda(gpu_id + r).map_err(|e| {
+                    ModelError::invalid(
+                        "tensor parallel",
+                        format!("rank {r} needs GPU {} ({e}); use fewer ranks", gpu_id + r),
+                    )
+                })?);
+            }
+            Ok(devices)
+        }
+        other => Err(ModelError::invalid(
+            "tensor parallel",
+            format!("not available on {other:?}: use the CPU or CUDA GPUs"),
+        )),
+    }
+}
+
+type Collectives = (Vec<Arc<dyn Collective>>, Option<InProcessCollective>);
+
+/// One collective per rank: threads of this process on the CPU, NCCL on GPUs.
+fn make_collectives(devices: &[Device]) -> Result<Collectives> {
+    if devices.iter().all(|d| d.is_cpu()) {
+        let group = InProcessCollective::group(devices.len())?;
+        let reset = group.first().cloned();
+        let group = group
+            .into_iter()
+            .map(|c| Arc::new(c) as Arc<dyn Collective>)
+            .collect();
+        return Ok((group, reset));
+    }
+    nccl_collectives(devices)
+}
+
+#[cfg(feature = "nccl")]
+fn nccl_collectives(devices: &[Device]) -> Result<Collectives> {
+    use crate::parallel::{NcclCollective, NcclId};
+    let id = NcclId::new()?;
+    let n = devices.len();
+    let comms = devices
+        .iter()
+        .enumerate()
+        .map(|(r, d)| NcclCollective::start(d, r, n, &id))
+        .collect::<Result<Vec<_>>>()?;
+    for c in &comms {
+        c.wait_ready()?;
+    }
+    Ok((
+        comms
+            .into_iter()
+            .map(|c| Arc::new(c) as Arc<dyn Collective>)
+            .collect(),
+        None,
+    ))
+}
+
+#[cfg(not(feature = "nccl"))]
+fn nccl_collectives(_devices: &[Device]) -> Result<Collectives> {
+    Err(ModelError::invalid(
+        "tensor parallel",
+        "GPU ranks need NCCL: build relayfarm with `--features cuda`",
+    ))
+}
+
+/// Loads the denoiser: whole, or rank 0's shard here and ranks `1..N` on their threads (all
+/// loading at the same time, each reading only its slices).
+fn load_denoiser(
+    tr: &ComponentFolder,
+    opts: &PipelineOptions,
+) -> Result<(PixArtTransformer, Option<TensorParallel>)> {
+    let n = opts.tensor_parallel.max(1);
+    if n == 1 {
+        let t = PixArtTransformer::load(tr, opts.dtype, &opts.device, &opts.transformer)?;
+        return Ok((t, None));
+    }
+    let devices = rank_devices(&opts.device, n)?;
+    let (collectives, reset) = make_collectives(&devices)?;
+    let (comp, dtype, topts) = (tr.clone(), opts.dtype, opts.transformer.clone());
+    let (helper_devices, helper_colls) = (devices.clone(), collectives.clone());
+    let abort: RankAbort<DenoiserRank> = Arc::new(|r, why| r.collective.abort(why));
+    let helpers = RankThreads::spawn(
+        1..n,
+        "denoiser",
+        move |rank| {
+            let collective = helper_colls[rank].clone();
+            let transformer = PixArtTransformer::load_sharded(
+                &comp,
+                dtype,
+                &helper_devices[rank],
+                None,
+                &topts,
+                collective.clone(),
+            )?;
+            Ok(DenoiserRank {
+                transformer,
+                collective,
+            })
+        },
+        abort,
+    )?;
+    let rank0 = collectives[0].clone();
+    let t0 = PixArtTransformer::load_sharded(
+        tr,
+        opts.dtype,
+        &devices[0],
+        None,
+        &opts.transformer,
+        rank0.clone(),
+    );
+    let ready = helpers.wait_ready();
+    let t0 = t0?;
+    ready?;
+    Ok((
+        t0,
+        Some(TensorParallel {
+            helpers,
+            rank0,
+            reset,
+            busy: Mutex::new(false),
+        }),
+    ))
+}

@@ -12,10 +12,16 @@
 //!
 //! Other devices and dtypes take candle's `conv2d` (and `upsample_nearest2d`).
 
+use super::group_norm::{affine_act, with_cpu_f32, GroupNorm};
 use crate::Result;
-use candle_core::{CpuStorage, DType, Module, Storage, Tensor};
+use candle_core::{DType, Module, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
 use rayon::prelude::*;
+
+thread_local! {
+    /// Per-thread band accumulator, reused across calls (no page faults per band).
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
 
 /// Target number of GEMM columns (padded pixels) per band.
 const BAND_COLUMNS: usize = 4096;
@@ -30,21 +36,20 @@ pub(crate) struct ConvSame {
 }
 
 /// How the padded input planes are filled from the source planes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Fill {
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Fill<'a> {
+    /// As they are.
     Copy,
+    /// Nearest-neighbour ×2.
     Upsample2x,
+    /// Group norm + SiLU: `silu(x·scale + shift)` with one `(scale, shift)` per (batch, channel).
+    NormSilu(&'a [(f32, f32)]),
 }
 
-/// Borrows the f32 CPU data of a contiguous tensor.
-fn with_f32_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
-    let (storage, layout) = t.storage_and_layout();
-    let data = match &*storage {
-        Storage::Cpu(CpuStorage::F32(v)) => v,
-        _ => return Err(candle_core::Error::Msg("conv: expected f32 CPU storage".into()).into()),
-    };
-    let start = layout.start_offset();
-    Ok(f(&data[start..start + layout.shape().elem_count()]))
+impl Fill<'_> {
+    fn upsamples(&self) -> bool {
+        matches!(self, Fill::Upsample2x)
+    }
 }
 
 impl ConvSame {
@@ -68,9 +73,21 @@ impl ConvSame {
         self.run(x, Fill::Copy, None)
     }
 
-    /// `conv(x) + residual` (`residual` shaped like the output).
-    pub(crate) fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
-        self.run(x, Fill::Copy, Some(residual))
+    /// `conv(silu(norm(x))) + residual`, the norm and SiLU applied while the padded input is
+    /// built (no normalised tensor is materialised).
+    pub(crate) fn forward_normed(
+        &self,
+        x: &Tensor,
+        norm: &GroupNorm,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        if !(self.use_cpu_kernel(x, residual) && norm.cpu_kernel_applies(x)) {
+            let h = norm.forward(x, true)?;
+            return self.run(&h, Fill::Copy, residual);
+        }
+        let x = x.contiguous()?;
+        let params = with_cpu_f32(&x, |data| norm.cpu_affine(data, x.dims()[0]))?;
+        self.run(&x, Fill::NormSilu(&params), residual)
     }
 
     /// `conv(upsample_nearest_2x(x))`.
@@ -89,7 +106,7 @@ impl ConvSame {
     fn run(&self, x: &Tensor, fill: Fill, residual: Option<&Tensor>) -> Result<Tensor> {
         if !self.use_cpu_kernel(x, residual) {
             let x = match fill {
-                Fill::Copy => x.clone(),
+                Fill::Copy | Fill::NormSilu(_) => x.clone(),
                 Fill::Upsample2x => {
                     let (_, _, h, w) = x.dims4()?;
                     x.upsample_nearest2d(2 * h, 2 * w)?
@@ -109,9 +126,10 @@ impl ConvSame {
             ))
             .into());
         }
-        let (h, w) = match fill {
-            Fill::Copy => (h_in, w_in),
-            Fill::Upsample2x => (2 * h_in, 2 * w_in),
+        let (h, w) = if fill.upsamples() {
+            (2 * h_in, 2 * w_in)
+        } else {
+            (h_in, w_in)
         };
         let out_shape = (b, self.cout, h, w);
         if let Some(r) = residual {
@@ -125,24 +143,23 @@ impl ConvSame {
             }
         }
         let x = x.contiguous()?;
-        let xpad = with_f32_slice(&x, |src| self.pad_input(src, b, h_in, w_in, fill))?;
+        let xpad = with_cpu_f32(&x, |src| self.pad_input(src, b, h_in, w_in, fill))?;
         drop(x);
         let bias: Vec<f32> = match self.inner.bias() {
             Some(bias) => bias.to_dtype(DType::F32)?.to_vec1()?,
             None => vec![0.0; self.cout],
         };
         let weight = self.inner.weight().contiguous()?;
+        // Tap-major copy of the weights, [k², cout, cin], so each tap's matrix is contiguous.
+        let weight = with_cpu_f32(&weight, |w| self.tap_major(w))?;
         let residual = residual.map(|r| r.contiguous()).transpose()?;
         let mut out = vec![0f32; b * self.cout * h * w];
-        let computed = with_f32_slice(&weight, |wdata| -> Result<()> {
-            match &residual {
-                Some(r) => with_f32_slice(r, |rdata| {
-                    self.compute(&xpad, wdata, &bias, Some(rdata), &mut out, (b, h, w))
-                })?,
-                None => self.compute(&xpad, wdata, &bias, None, &mut out, (b, h, w)),
-            }
-        })?;
-        computed?;
+        match &residual {
+            Some(r) => with_cpu_f32(r, |rdata| {
+                self.compute(&xpad, &weight, &bias, Some(rdata), &mut out, (b, h, w))
+            })??,
+            None => self.compute(&xpad, &weight, &bias, None, &mut out, (b, h, w))?,
+        }
         Ok(Tensor::from_vec(
             out,
             out_shape,
@@ -150,14 +167,27 @@ impl ConvSame {
         )?)
     }
 
+    /// `[cout, cin, k, k]` → `[k², cout, cin]`.
+    fn tap_major(&self, w: &[f32]) -> Vec<f32> {
+        let (cin, cout, taps) = (self.cin, self.cout, self.k * self.k);
+        let mut out = vec![0f32; w.len()];
+        for (tap, dst) in out.chunks_exact_mut(cout * cin).enumerate() {
+            for (i, d) in dst.iter_mut().enumerate() {
+                *d = w[i * taps + tap];
+            }
+        }
+        out
+    }
+
     /// The zero-padded (and possibly upsampled) input, `[b, cin, h+2p, w+2p]` plus `2p`
     /// trailing zeros that the shifted views of the last plane may touch (only in columns that
     /// are dropped).
     fn pad_input(&self, src: &[f32], b: usize, h_in: usize, w_in: usize, fill: Fill) -> Vec<f32> {
         let p = self.k / 2;
-        let (h, w) = match fill {
-            Fill::Copy => (h_in, w_in),
-            Fill::Upsample2x => (2 * h_in, 2 * w_in),
+        let (h, w) = if fill.upsamples() {
+            (2 * h_in, 2 * w_in)
+        } else {
+            (h_in, w_in)
         };
         let wp = w + 2 * p;
         let plane = (h + 2 * p) * wp;
@@ -166,11 +196,16 @@ impl ConvSame {
         xpad[..b * self.cin * plane]
             .par_chunks_mut(plane)
             .zip(src.par_chunks(src_plane))
-            .for_each(|(dst, src)| {
+            .enumerate()
+            .for_each(|(i, (dst, src))| {
                 for y in 0..h {
                     let row = &mut dst[(y + p) * wp + p..(y + p) * wp + p + w];
                     match fill {
                         Fill::Copy => row.copy_from_slice(&src[y * w_in..(y + 1) * w_in]),
+                        Fill::NormSilu(params) => {
+                            let (scale, shift) = params[i];
+                            affine_act(row, &src[y * w_in..(y + 1) * w_in], scale, shift, true)
+                        }
                         Fill::Upsample2x => {
                             let s = &src[(y / 2) * w_in..(y / 2 + 1) * w_in];
                             for (pair, &v) in row.chunks_exact_mut(2).zip(s) {
@@ -227,61 +262,67 @@ impl ConvSame {
             let r = rows.min(h - y0);
             let n = r * wp;
             // Band buffer [cout, r·wp], starting at bias (+ residual) in the kept columns.
-            let mut acc = vec![0f32; cout * n];
-            for (co, acc_c) in acc.chunks_exact_mut(n).enumerate() {
-                for yy in 0..r {
-                    let row = &mut acc_c[yy * wp..yy * wp + w];
-                    match residual {
-                        Some(res) => {
-                            let off = ((bi * cout + co) * h + y0 + yy) * w;
-                            for (a, &rv) in row.iter_mut().zip(&res[off..off + w]) {
-                                *a = rv + bias[co];
+            SCRATCH.with(|scratch| {
+                let mut scratch = scratch.borrow_mut();
+                if scratch.len() < cout * n {
+                    scratch.resize(cout * n, 0.0);
+                }
+                let acc = &mut scratch[..cout * n];
+                for (co, acc_c) in acc.chunks_exact_mut(n).enumerate() {
+                    for yy in 0..r {
+                        let row = &mut acc_c[yy * wp..yy * wp + w];
+                        match residual {
+                            Some(res) => {
+                                let off = ((bi * cout + co) * h + y0 + yy) * w;
+                                for (a, &rv) in row.iter_mut().zip(&res[off..off + w]) {
+                                    *a = rv + bias[co];
+                                }
                             }
+                            None => row.fill(bias[co]),
                         }
-                        None => row.fill(bias[co]),
                     }
                 }
-            }
-            let base = bi * cin * plane + y0 * wp;
-            // The furthest element any tap reads: channel cin−1, tap (k−1, k−1), column n−1.
-            let last = base + (cin - 1) * plane + (k - 1) * wp + (k - 1) + n - 1;
-            assert!(last < xpad.len() && acc.len() == cout * n);
-            for tap in 0..taps {
-                let (dy, dx) = (tap / k, tap % k);
-                // SAFETY: dst is the cout×n row-major band buffer; lhs element (co, ci) is
-                // weight[co·cin·taps + ci·taps + tap] < cout·cin·taps = weight.len(); rhs
-                // element (ci, col) is xpad[base + ci·plane + dy·wp + dx + col] ≤ `last` <
-                // xpad.len() (checked above).
-                unsafe {
-                    gemm::gemm(
-                        cout,
-                        n,
-                        cin,
-                        acc.as_mut_ptr(),
-                        1,
-                        n as isize,
-                        true,
-                        weight.as_ptr().add(tap),
-                        taps as isize,
-                        (cin * taps) as isize,
-                        xpad.as_ptr().add(base + dy * wp + dx),
-                        1,
-                        plane as isize,
-                        1.0f32,
-                        1.0f32,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
-                    );
+                let base = bi * cin * plane + y0 * wp;
+                // The furthest element any tap reads: channel cin−1, tap (k−1, k−1), column n−1.
+                let last = base + (cin - 1) * plane + (k - 1) * wp + (k - 1) + n - 1;
+                assert!(last < xpad.len() && acc.len() == cout * n);
+                for tap in 0..taps {
+                    let (dy, dx) = (tap / k, tap % k);
+                    // SAFETY: dst is the cout×n row-major band buffer; lhs element (co, ci) is
+                    // weight[(tap·cout + co)·cin + ci] < taps·cout·cin = weight.len(); rhs
+                    // element (ci, col) is xpad[base + ci·plane + dy·wp + dx + col] ≤ `last` <
+                    // xpad.len() (checked above).
+                    unsafe {
+                        gemm::gemm(
+                            cout,
+                            n,
+                            cin,
+                            acc.as_mut_ptr(),
+                            1,
+                            n as isize,
+                            true,
+                            weight.as_ptr().add(tap * cout * cin),
+                            1,
+                            cin as isize,
+                            xpad.as_ptr().add(base + dy * wp + dx),
+                            1,
+                            plane as isize,
+                            1.0f32,
+                            1.0f32,
+                            false,
+                            false,
+                            false,
+                            gemm::Parallelism::None,
+                        );
+                    }
                 }
-            }
-            for (co, band) in dst.into_iter().enumerate() {
-                let acc_c = &acc[co * n..(co + 1) * n];
-                for (yy, out_row) in band.chunks_exact_mut(w).enumerate() {
-                    out_row.copy_from_slice(&acc_c[yy * wp..yy * wp + w]);
+                for (co, band) in dst.into_iter().enumerate() {
+                    let acc_c = &acc[co * n..(co + 1) * n];
+                    for (yy, out_row) in band.chunks_exact_mut(w).enumerate() {
+                        out_row.copy_from_slice(&acc_c[yy * wp..yy * wp + w]);
+                    }
                 }
-            }
+            });
         });
         Ok(())
     }
@@ -327,7 +368,7 @@ mod tests {
             );
 
             let res = Tensor::randn(0f32, 1.0, want.dims(), &dev).unwrap();
-            let got = conv.forward_residual(&x, &res).unwrap();
+            let got = conv.run(&x, Fill::Copy, Some(&res)).unwrap();
             let want_r = (&want + &res).unwrap();
             assert!(max_err(&got, &want_r) < 1e-4, "residual");
 
@@ -335,6 +376,20 @@ mod tests {
             let want_u = conv.inner.forward(&up).unwrap();
             let got = conv.forward_upsampled(&x).unwrap();
             assert!(max_err(&got, &want_u) < 1e-4, "upsampled");
+
+            if cin % 4 == 0 {
+                let norm = GroupNorm::new(
+                    4,
+                    cin,
+                    1e-6,
+                    VarBuilder::from_varmap(&varmap, DType::F32, &dev).pp("n"),
+                )
+                .unwrap();
+                let normed = norm.forward(&x, true).unwrap();
+                let want_n = (conv.inner.forward(&normed).unwrap() + &res).unwrap();
+                let got = conv.forward_normed(&x, &norm, Some(&res)).unwrap();
+                assert!(max_err(&got, &want_n) < 1e-4, "normed");
+            }
         }
     }
 

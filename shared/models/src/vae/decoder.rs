@@ -109,7 +109,6 @@ impl Decoder {
         for block in &self.up_blocks {
             h = block.forward(&h)?;
         }
-        h = self.conv_norm_out.forward(&h, true)?;
-        Ok(self.conv_out.forward(&h)?)
+        self.conv_out.forward_normed(&h, &self.conv_norm_out, None)
     }
 }

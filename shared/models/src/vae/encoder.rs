@@ -115,7 +115,6 @@ impl Encoder {
             h = block.forward(&h)?;
         }
         h = self.mid_block.forward(&h)?;
-        h = self.conv_norm_out.forward(&h, true)?;
-        Ok(self.conv_out.forward(&h)?)
+        self.conv_out.forward_normed(&h, &self.conv_norm_out, None)
     }
 }

@@ -40,87 +40,132 @@ impl GroupNorm {
         })
     }
 
+    /// Whether [`GroupNorm::cpu_affine`] applies to `x` (the CPU kernel's preconditions).
+    pub(crate) fn cpu_kernel_applies(&self, x: &Tensor) -> bool {
+        x.device().is_cpu()
+            && x.dtype() == DType::F32
+            && x.rank() >= 2
+            && x.dims()[1] == self.channels
+    }
+
     /// Normalises `x` and applies SiLU when `silu` is set; the result has `x`'s dtype.
     pub(crate) fn forward(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
-        let cpu_kernel = std::env::var("TMP_GN_CANDLE").is_err()
-            && x.device().is_cpu()
-            && matches!(x.dtype(), DType::F32 | DType::F16 | DType::BF16)
-            && x.rank() >= 2
-            && x.dim(1)? == self.channels;
-        if !cpu_kernel {
+        let half_on_cpu = x.device().is_cpu() && matches!(x.dtype(), DType::F16 | DType::BF16);
+        if !(self.cpu_kernel_applies(x) || half_on_cpu) {
             let y = self.inner.forward(x)?;
             return Ok(if silu { y.silu()? } else { y });
         }
         let dtype = x.dtype();
         let x32 = x.to_dtype(DType::F32)?.contiguous()?;
-        let out = {
-            let (storage, layout) = x32.storage_and_layout();
-            let data = match &*storage {
-                Storage::Cpu(CpuStorage::F32(v)) => v,
-                _ => {
-                    return Err(candle_core::Error::Msg(
-                        "group norm: expected f32 CPU storage".into(),
-                    )
-                    .into())
-                }
-            };
-            let start = layout.start_offset();
-            let input = &data[start..start + layout.shape().elem_count()];
-            self.cpu_forward(input, x.dim(0)?, silu)
-        };
+        let (b, c) = (x.dims()[0], x.dims()[1]);
+        let out = with_cpu_f32(&x32, |input| {
+            let params = self.cpu_affine(input, b);
+            let plane = input.len() / (b * c).max(1);
+            let mut out = vec![0f32; input.len()];
+            if plane > 0 {
+                out.par_chunks_mut(plane)
+                    .zip(input.par_chunks(plane))
+                    .zip(params.par_iter())
+                    .for_each(|((dst, src), &(scale, shift))| {
+                        affine_act(dst, src, scale, shift, silu)
+                    });
+            }
+            out
+        })?;
         let y = Tensor::from_vec(out, x.shape(), x.device())?;
         Ok(y.to_dtype(dtype)?)
     }
 
-    fn cpu_forward(&self, input: &[f32], batch: usize, silu: bool) -> Vec<f32> {
+    /// The per-(batch, channel) `(scale, shift)` such that the normalised value is
+    /// `x·scale + shift`, from the contiguous f32 data of a `[batch, C, ...]` tensor.
+    /// Statistics use two passes with f64 accumulators.
+    pub(crate) fn cpu_affine(&self, input: &[f32], batch: usize) -> Vec<(f32, f32)> {
         let c = self.channels;
         let plane = input.len() / (batch * c).max(1);
         let per_group = c / self.groups;
-        let n = (per_group * plane) as f64;
         if plane == 0 {
-            return Vec::new();
+            return vec![(1.0, 0.0); batch * c];
         }
-        // Pass 1: per-(batch, channel) sums, then group means.
-        let sums: Vec<f64> = input.par_chunks(plane).map(sum_f64).collect();
+        let n = (per_group * plane) as f64;
         let group_stat = |per_channel: &[f64]| -> Vec<f64> {
             per_channel
                 .chunks(per_group)
                 .map(|g| g.iter().sum::<f64>() / n)
                 .collect()
         };
+        let sums: Vec<f64> = input.par_chunks(plane).map(sum_f64).collect();
         let means = group_stat(&sums);
-        // Pass 2: centred sums of squares (stable whatever the mean).
         let sq: Vec<f64> = input
             .par_chunks(plane)
             .enumerate()
             .map(|(i, ch)| centred_sq_f64(ch, means[i / per_group]))
             .collect();
         let vars = group_stat(&sq);
-        // Pass 3: one fused write per element.
-        let mut out = vec![0f32; input.len()];
-        out.par_chunks_mut(plane)
-            .zip(input.par_chunks(plane))
-            .enumerate()
-            .for_each(|(i, (dst, src))| {
+        (0..batch * c)
+            .map(|i| {
                 let ch = i % c;
                 let g = i / per_group;
                 let rstd = 1.0 / (vars[g] + self.eps).sqrt();
-                let scale = (rstd * self.weight[ch] as f64) as f32;
-                let shift =
-                    (self.bias[ch] as f64 - means[g] * rstd * self.weight[ch] as f64) as f32;
-                if silu {
-                    for (d, &s) in dst.iter_mut().zip(src) {
-                        let y = s * scale + shift;
-                        *d = y / (1.0 + (-y).exp());
-                    }
-                } else {
-                    for (d, &s) in dst.iter_mut().zip(src) {
-                        *d = s * scale + shift;
-                    }
-                }
-            });
-        out
+                let w = self.weight[ch] as f64;
+                (
+                    (rstd * w) as f32,
+                    (self.bias[ch] as f64 - means[g] * rstd * w) as f32,
+                )
+            })
+            .collect()
     }
+}
+
+/// Borrows the data of a contiguous f32 CPU tensor.
+pub(crate) fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let data = match &*storage {
+        Storage::Cpu(CpuStorage::F32(v)) => v,
+        _ => {
+            return Err(candle_core::Error::Msg("expected an f32 CPU tensor".into()).into());
+        }
+    };
+    let start = layout.start_offset();
+    Ok(f(&data[start..start + layout.shape().elem_count()]))
+}
+
+/// `dst = act(src·scale + shift)` with `act` SiLU or the identity.
+#[inline]
+pub(crate) fn affine_act(dst: &mut [f32], src: &[f32], scale: f32, shift: f32, silu: bool) {
+    if silu {
+        for (d, &s) in dst.iter_mut().zip(src) {
+            let y = s * scale + shift;
+            *d = y / (1.0 + exp_fast(-y));
+        }
+    } else {
+        for (d, &s) in dst.iter_mut().zip(src) {
+            *d = s * scale + shift;
+        }
+    }
+}
+
+/// `eˣ` for f32 within a few ulp, branch-free so that loops over it vectorise: `x = n·ln2 + f`
+/// (Cody–Waite split, `|f| ≤ ln2/2`), `eᶠ` by a degree-7 Taylor polynomial, `2ⁿ` from the
+/// exponent bits. Inputs are clamped to `[−87.3, 88]` (results stay finite and normal).
+#[inline(always)]
+pub(crate) fn exp_fast(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    // ln2 = LN2_HI + LN2_LO, LN2_HI with few mantissa bits so that n·LN2_HI is exact.
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // Adding and subtracting 1.5·2²³ rounds to the nearest integer (ties to even).
+    const ROUND: f32 = 12_582_912.0;
+    let x = x.clamp(-87.3, 88.0);
+    let n = (x * LOG2E + ROUND) - ROUND;
+    let f = (x - n * LN2_HI) - n * LN2_LO;
+    let p = 1.0
+        + f * (1.0
+            + f * (0.5
+                + f * (1.0 / 6.0
+                    + f * (1.0 / 24.0
+                        + f * (1.0 / 120.0 + f * (1.0 / 720.0 + f * (1.0 / 5040.0)))))));
+    let bits = ((n as i32 + 127) as u32) << 23;
+    p * f32::from_bits(bits)
 }
 
 /// Sum in f64 with eight independent accumulators (vectorisable).
@@ -194,5 +239,20 @@ mod tests {
         }
         let h = x.to_dtype(DType::F16).unwrap();
         assert_eq!(gn.forward(&h, true).unwrap().dtype(), DType::F16);
+    }
+
+    #[test]
+    fn exp_fast_is_accurate() {
+        let mut worst = 0f64;
+        // Inside the clamp range [-87.3, 88].
+        for i in -19750..=20000 {
+            let x = i as f32 * 0.0044;
+            let want = (x as f64).exp();
+            let got = exp_fast(x) as f64;
+            worst = worst.max(((got - want) / want).abs());
+        }
+        assert!(worst < 5e-7, "relative error {worst:e}");
+        assert!(exp_fast(200.0).is_finite() && exp_fast(-200.0) > 0.0);
+        assert!(exp_fast(f32::INFINITY).is_finite());
     }
 }

@@ -65,16 +65,15 @@ impl ResnetBlock2D {
     /// Applies the block to `[B, C_in, H, W]`.
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         // Re-assigning one binding lets each intermediate go as soon as the next exists.
-        let mut h = self.norm1.forward(x, true)?;
-        h = self.conv1.forward(&h)?;
-        h = self.norm2.forward(&h, true)?;
-        // The residual add happens inside conv2 (its accumulator starts at bias + residual).
+        // Each group norm + SiLU happens while the next convolution builds its padded input,
+        // and the residual add inside conv2 (its accumulator starts at bias + residual).
+        let h = self.conv1.forward_normed(x, &self.norm1, None)?;
         match &self.conv_shortcut {
             Some(conv) => {
                 let shortcut = conv.forward(x)?;
-                self.conv2.forward_residual(&h, &shortcut)
+                self.conv2.forward_normed(&h, &self.norm2, Some(&shortcut))
             }
-            None => self.conv2.forward_residual(&h, x),
+            None => self.conv2.forward_normed(&h, &self.norm2, Some(x)),
         }
     }
 }

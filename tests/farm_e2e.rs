@@ -1,0 +1,379 @@
+//! End-to-end tests of the farm: real `redis-server`, `relayfarm-coordinator` and
+//! `relayfarm-worker` processes on 127.0.0.1, driven through the public gRPC API.
+//!
+//! Needs `redis-server` on the PATH (CI installs it). Every process a test starts is stopped by
+//! PID when the test ends.
+
+use relayfarm_proto::v1::render_service_client::RenderServiceClient;
+use relayfarm_proto::v1::{
+    batch_event, submit_batch_request, BatchHeader, GetBatchRequest, ListModelsRequest,
+    PromptItem, RenderParams, SubmitBatchRequest, WatchBatchRequest,
+};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tonic::transport::Channel;
+
+/// A child process killed (SIGKILL, by PID) when dropped.
+struct Proc {
+    name: String,
+    child: Option<Child>,
+}
+
+impl Proc {
+    fn spawn(name: &str, cmd: &mut Command, log: &Path) -> Proc {
+        let out = std::fs::File::create(log).expect("log file");
+        let err = out.try_clone().expect("log file");
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err))
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        Proc { name: name.to_string(), child: Some(child) }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// SIGKILL and reap.
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then wait up to `grace` for the exit.
+    fn terminate(&mut self, grace: Duration) -> Option<std::process::ExitStatus> {
+        let c = self.child.as_mut()?;
+        let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+        let t0 = Instant::now();
+        while t0.elapsed() < grace {
+            if let Ok(Some(st)) = c.try_wait() {
+                self.child = None;
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.kill();
+        None
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            eprintln!("stopping {} (pid {})", self.name, self.pid());
+        }
+        self.kill();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn wait_port(port: u16, what: &str) {
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(60) {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("{what} did not open port {port}");
+}
+
+fn tiny_model() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/pixart-sigma-tiny"))
+}
+
+/// One farm: Redis, a coordinator, workers; all on loopback, in a temp folder.
+struct Farm {
+    dir: PathBuf,
+    redis_port: u16,
+    coord_port: u16,
+    redis: Option<Proc>,
+    coordinator: Option<Proc>,
+    workers: Vec<Proc>,
+    lease_ms: u64,
+}
+
+impl Farm {
+    fn new(name: &str) -> Farm {
+        let dir = std::env::temp_dir().join(format!("relayfarm-e2e-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("results")).unwrap();
+        Farm {
+            dir,
+            redis_port: free_port(),
+            coord_port: free_port(),
+            redis: None,
+            coordinator: None,
+            workers: Vec::new(),
+            lease_ms: 2000,
+        }
+    }
+
+    fn start_redis(&mut self) {
+        let mut cmd = Command::new("redis-server");
+        cmd.args(["--port", &self.redis_port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]);
+        self.redis = Some(Proc::spawn("redis-server", &mut cmd, &self.dir.join("redis.log")));
+        wait_port(self.redis_port, "redis-server");
+    }
+
+    fn start_coordinator(&mut self) {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_relayfarm-coordinator"));
+        cmd.args([
+            "--listen", &format!("127.0.0.1:{}", self.coord_port),
+            "--redis", &format!("redis://127.0.0.1:{}", self.redis_port),
+            "--results", self.dir.join("results").to_str().unwrap(),
+            "--lease-ms", &self.lease_ms.to_string(),
+            "--max-attempts", "3",
+        ]);
+        let n = std::fs::read_dir(&self.dir).map(|d| d.count()).unwrap_or(0);
+        self.coordinator = Some(Proc::spawn("coordinator", &mut cmd, &self.dir.join(format!("coordinator-{n}.log"))));
+        wait_port(self.coord_port, "relayfarm-coordinator");
+    }
+
+    fn start_worker(&mut self) {
+        let i = self.workers.len();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_relayfarm-worker"));
+        cmd.args([
+            "--coordinator", &format!("http://127.0.0.1:{}", self.coord_port),
+            "--model", &format!("tiny={}", tiny_model().display()),
+            "--results", self.dir.join("results").to_str().unwrap(),
+            "--worker-id", &format!("w{i}"),
+        ]);
+        cmd.env("RAYON_NUM_THREADS", "1");
+        self.workers.push(Proc::spawn(&format!("worker-{i}"), &mut cmd, &self.dir.join(format!("worker-{i}.log"))));
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.coord_port)
+    }
+
+    async fn client(&self) -> RenderServiceClient<Channel> {
+        let t0 = Instant::now();
+        loop {
+            match RenderServiceClient::connect(self.url()).await {
+                Ok(c) => return c,
+                Err(e) if t0.elapsed() > Duration::from_secs(30) => panic!("coordinator unreachable: {e}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+
+    /// Waits until `n` workers serve the tiny model.
+    async fn wait_workers(&self, n: u32) {
+        let t0 = Instant::now();
+        loop {
+            let mut c = self.client().await;
+            if let Ok(r) = c.list_models(ListModelsRequest {}).await {
+                if r.into_inner().models.iter().any(|m| m.name == "tiny" && m.workers >= n) {
+                    return;
+                }
+            }
+            assert!(t0.elapsed() < Duration::from_secs(120), "workers did not register; logs in {}", self.dir.display());
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    fn pngs(&self, batch: &str) -> usize {
+        std::fs::read_dir(self.dir.join("results").join(batch))
+            .map(|d| d.filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().ends_with(".png")).count())
+            .unwrap_or(0)
+    }
+}
+
+fn header(steps: u32) -> SubmitBatchRequest {
+    SubmitBatchRequest {
+        item: Some(submit_batch_request::Item::Header(BatchHeader {
+            model: "tiny".into(),
+            defaults: Some(RenderParams {
+                steps: Some(steps),
+                height: Some(64),
+                width: Some(64),
+                seed: Some(1000),
+                ..Default::default()
+            }),
+            no_resolution_binning: true,
+            ..Default::default()
+        })),
+    }
+}
+
+fn prompt(text: &str) -> SubmitBatchRequest {
+    SubmitBatchRequest {
+        item: Some(submit_batch_request::Item::Prompt(PromptItem { prompt: text.into(), ..Default::default() })),
+    }
+}
+
+async fn submit(c: &mut RenderServiceClient<Channel>, items: Vec<SubmitBatchRequest>) -> Result<String, tonic::Status> {
+    let r = c.submit_batch(tokio_stream::iter(items)).await?;
+    Ok(r.into_inner().batch_id)
+}
+
+/// Waits for the batch to finish, then replays its whole event history and checks that every
+/// job produced exactly one image.
+async fn check_exactly_once(farm: &Farm, batch: &str, n: usize) {
+    let t0 = Instant::now();
+    loop {
+        let mut c = farm.client().await;
+        if let Ok(b) = c.get_batch(GetBatchRequest { batch_id: batch.into(), include_jobs: false }).await {
+            let b = b.into_inner();
+            if b.done + b.failed + b.cancelled == b.total && b.total > 0 {
+                assert_eq!((b.done, b.failed), (n as u32, 0), "batch {b:?}");
+                break;
+            }
+        }
+        assert!(t0.elapsed() < Duration::from_secs(240), "batch did not finish; logs in {}", farm.dir.display());
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let mut c = farm.client().await;
+    let mut events = c
+        .watch_batch(WatchBatchRequest { batch_id: batch.into(), after_event_id: String::new() })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut images: HashMap<String, usize> = HashMap::new();
+    let mut done = false;
+    loop {
+        let next = tokio::time::timeout(Duration::from_secs(20), events.message()).await;
+        let ev = match next {
+            Ok(Ok(Some(ev))) => ev,
+            _ => break,
+        };
+        match ev.kind {
+            Some(batch_event::Kind::Image(_)) => *images.entry(ev.job_id.clone()).or_default() += 1,
+            Some(batch_event::Kind::Done(_)) => {
+                done = true;
+                break;
+            }
+            _ => {}
+        }
+    }
+    assert!(done, "no BatchDone event");
+    assert_eq!(images.len(), n, "distinct jobs with an image");
+    assert!(images.values().all(|&k| k == 1), "an image reported twice: {images:?}");
+    assert_eq!(farm.pngs(batch), n, "PNG files in the result store");
+}
+
+fn prompts(n: usize) -> Vec<SubmitBatchRequest> {
+    let mut v = vec![header(40)];
+    v.extend((0..n).map(|i| prompt(&format!("prompt number {i}: a cabin in the woods"))));
+    v
+}
+
+async fn wait_images(farm: &Farm, batch: &str, at_least: usize) {
+    let t0 = Instant::now();
+    while farm.pngs(batch) < at_least {
+        assert!(t0.elapsed() < Duration::from_secs(120), "no progress; logs in {}", farm.dir.display());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_a_worker_mid_batch_loses_nothing() {
+    let mut farm = Farm::new("kill-worker");
+    farm.start_redis();
+    farm.start_coordinator();
+    farm.start_worker();
+    farm.start_worker();
+    farm.wait_workers(2).await;
+    let mut c = farm.client().await;
+    let batch = submit(&mut c, prompts(50)).await.unwrap();
+    wait_images(&farm, &batch, 8).await;
+    farm.workers[0].kill();
+    check_exactly_once(&farm, &batch, 50).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_the_coordinator_mid_batch_loses_nothing() {
+    let mut farm = Farm::new("restart-coord");
+    farm.start_redis();
+    farm.start_coordinator();
+    farm.start_worker();
+    farm.start_worker();
+    farm.wait_workers(2).await;
+    let mut c = farm.client().await;
+    let batch = submit(&mut c, prompts(50)).await.unwrap();
+    wait_images(&farm, &batch, 8).await;
+    if let Some(p) = farm.coordinator.as_mut() {
+        p.kill();
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    farm.start_coordinator();
+    check_exactly_once(&farm, &batch, 50).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_unreachable_is_unavailable_and_retry_works() {
+    let mut farm = Farm::new("no-redis");
+    // Coordinator first, Redis not running yet.
+    farm.start_coordinator();
+    let mut c = farm.client().await;
+    let err = submit(&mut c, prompts(3)).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    assert!(err.message().to_lowercase().contains("redis"), "message names Redis: {}", err.message());
+    // The coordinator is still alive; once Redis is up the same submit goes through.
+    farm.start_redis();
+    farm.start_worker();
+    farm.wait_workers(1).await;
+    let batch = submit(&mut c, prompts(3)).await.unwrap();
+    check_exactly_once(&farm, &batch, 3).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_are_invalid_argument_naming_the_field() {
+    let mut farm = Farm::new("malformed");
+    farm.start_redis();
+    farm.start_coordinator();
+    farm.start_worker();
+    farm.wait_workers(1).await;
+    let mut c = farm.client().await;
+    let with = |f: &dyn Fn(&mut BatchHeader, &mut PromptItem)| {
+        let mut h = BatchHeader { model: "tiny".into(), no_resolution_binning: true, ..Default::default() };
+        let mut p = PromptItem { prompt: "a cat".into(), ..Default::default() };
+        f(&mut h, &mut p);
+        vec![
+            SubmitBatchRequest { item: Some(submit_batch_request::Item::Header(h)) },
+            SubmitBatchRequest { item: Some(submit_batch_request::Item::Prompt(p)) },
+        ]
+    };
+    let cases: Vec<(&str, Vec<SubmitBatchRequest>, &str)> = vec![
+        ("empty model", with(&|h, _| h.model.clear()), "model"),
+        ("unknown model", with(&|h, _| h.model = "flux".into()), "model"),
+        ("empty prompt", with(&|_, p| p.prompt = "   ".into()), "prompt"),
+        ("height not a multiple", with(&|_, p| p.params = Some(RenderParams { height: Some(50), ..Default::default() })), "height"),
+        ("zero width", with(&|_, p| p.params = Some(RenderParams { width: Some(0), ..Default::default() })), "width"),
+        ("huge height", with(&|_, p| p.params = Some(RenderParams { height: Some(1 << 20), ..Default::default() })), "height"),
+        ("zero steps", with(&|_, p| p.params = Some(RenderParams { steps: Some(0), ..Default::default() })), "steps"),
+        ("too many steps", with(&|_, p| p.params = Some(RenderParams { steps: Some(5000), ..Default::default() })), "steps"),
+        ("NaN guidance", with(&|_, p| p.params = Some(RenderParams { guidance: Some(f64::NAN), ..Default::default() })), "guidance"),
+        ("negative guidance", with(&|_, p| p.params = Some(RenderParams { guidance: Some(-1.0), ..Default::default() })), "guidance"),
+        ("bad default steps", with(&|h, _| h.defaults = Some(RenderParams { steps: Some(0), ..Default::default() })), "steps"),
+        ("no header", vec![prompt("a cat")], "header"),
+        ("no prompts", vec![header(3)], "prompt"),
+    ];
+    for (what, items, field) in cases {
+        let err = submit(&mut c, items).await.expect_err(what);
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{what}: {err:?}");
+        assert!(err.message().contains(field), "{what}: message should name `{field}`: {}", err.message());
+    }
+}
+
+#[test]
+fn worker_stops_cleanly_on_sigterm() {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let mut farm = Farm::new("sigterm");
+    farm.start_redis();
+    farm.start_coordinator();
+    farm.start_worker();
+    rt.block_on(farm.wait_workers(1));
+    let status = farm.workers[0].terminate(Duration::from_secs(30));
+    assert!(matches!(status, Some(s) if s.success()), "worker exit on SIGTERM: {status:?}");
+}
