@@ -93,6 +93,11 @@ pub struct RenderArgs {
     /// Hide the progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// Run the denoiser tensor-parallel over N ranks in this process: CPU threads with
+    /// --device cpu, GPUs K..K+N-1 with NCCL for --device cuda:K (build with --features cuda).
+    /// The attention heads must divide by N (PixArt-Σ XL has 16). Same latents as --tp 1.
+    #[arg(long, env = "RELAYFARM_TP", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub tp: u16,
 }
 
 fn parse_device(s: &str) -> Result<Device> {
@@ -174,6 +179,7 @@ pub fn run(args: RenderArgs) -> Result<ExitCode> {
     let opts = PipelineOptions {
         variant: args.variant.clone(),
         transformer_dir: args.transformer.clone(),
+        tensor_parallel: usize::from(args.tp),
         ..PipelineOptions::cpu(dtype)
     };
     let opts = PipelineOptions { device, ..opts };

@@ -76,11 +76,19 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-fn wait_port(port: u16, what: &str) {
+/// Waits until `proc` listens on `port`. Returns false if it exited first (e.g. the port was
+/// taken between `free_port` and its bind), so the caller can retry on another port.
+fn wait_listening(proc: &mut Proc, port: u16, what: &str) -> bool {
     let t0 = Instant::now();
     while t0.elapsed() < Duration::from_secs(60) {
+        if let Some(c) = proc.child.as_mut() {
+            if let Ok(Some(_)) = c.try_wait() {
+                proc.child = None;
+                return false;
+            }
+        }
         if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return;
+            return true;
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -119,24 +127,50 @@ impl Farm {
     }
 
     fn start_redis(&mut self) {
-        let mut cmd = Command::new("redis-server");
-        cmd.args(["--port", &self.redis_port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]);
-        self.redis = Some(Proc::spawn("redis-server", &mut cmd, &self.dir.join("redis.log")));
-        wait_port(self.redis_port, "redis-server");
+        for _ in 0..5 {
+            let mut cmd = Command::new("redis-server");
+            cmd.args(["--port", &self.redis_port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]);
+            let mut p = Proc::spawn("redis-server", &mut cmd, &self.dir.join("redis.log"));
+            if wait_listening(&mut p, self.redis_port, "redis-server") {
+                self.redis = Some(p);
+                return;
+            }
+            if self.coordinator.is_some() {
+                // The coordinator already knows this port: retry it.
+                std::thread::sleep(Duration::from_millis(300));
+            } else {
+                self.redis_port = free_port();
+            }
+        }
+        panic!("redis-server did not start; see {}", self.dir.display());
     }
 
+    /// Starts a coordinator on `coord_port`. A first start may move to another port if that one
+    /// was taken meanwhile; a restart keeps the port (the workers know it) and retries.
     fn start_coordinator(&mut self) {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_relayfarm-coordinator"));
-        cmd.args([
-            "--listen", &format!("127.0.0.1:{}", self.coord_port),
-            "--redis", &format!("redis://127.0.0.1:{}", self.redis_port),
-            "--results", self.dir.join("results").to_str().unwrap(),
-            "--lease-ms", &self.lease_ms.to_string(),
-            "--max-attempts", "3",
-        ]);
-        let n = std::fs::read_dir(&self.dir).map(|d| d.count()).unwrap_or(0);
-        self.coordinator = Some(Proc::spawn("coordinator", &mut cmd, &self.dir.join(format!("coordinator-{n}.log"))));
-        wait_port(self.coord_port, "relayfarm-coordinator");
+        let restart = self.coordinator.is_some();
+        for attempt in 0..5 {
+            let mut cmd = Command::new(env!("CARGO_BIN_EXE_relayfarm-coordinator"));
+            cmd.args([
+                "--listen", &format!("127.0.0.1:{}", self.coord_port),
+                "--redis", &format!("redis://127.0.0.1:{}", self.redis_port),
+                "--results", self.dir.join("results").to_str().unwrap(),
+                "--lease-ms", &self.lease_ms.to_string(),
+                "--max-attempts", "3",
+            ]);
+            let n = std::fs::read_dir(&self.dir).map(|d| d.count()).unwrap_or(0);
+            let mut p = Proc::spawn("coordinator", &mut cmd, &self.dir.join(format!("coordinator-{n}.log")));
+            if wait_listening(&mut p, self.coord_port, "relayfarm-coordinator") {
+                self.coordinator = Some(p);
+                return;
+            }
+            if restart {
+                std::thread::sleep(Duration::from_millis(200 * (attempt + 1)));
+            } else {
+                self.coord_port = free_port();
+            }
+        }
+        panic!("relayfarm-coordinator did not start; see {}", self.dir.display());
     }
 
     fn start_worker(&mut self) {
@@ -303,7 +337,7 @@ async fn restart_the_coordinator_mid_batch_loses_nothing() {
     let batch = submit(&mut c, prompts(50)).await.unwrap();
     wait_images(&farm, &batch, 8).await;
     if let Some(p) = farm.coordinator.as_mut() {
-        p.kill();
+        p.kill(); // stays Some(Proc) with no child: the next start is a restart on the same port
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     farm.start_coordinator();

@@ -266,3 +266,46 @@ fn bad_input_gets_clear_errors() {
     std::fs::write(&sc, sorig.replace("\"dpmsolver++\"", "\"sde-dpmsolver++\"")).unwrap();
     expect_error(&["render", "--model", &b, "--prompt", "x"], &["algorithm_type", "sde-dpmsolver++"]);
 }
+
+/// Renders the non-square fixture case with diffusers' noise and `extra` arguments; returns
+/// the saved final latents.
+fn render_latents(name: &str, dir: &Path, extra: &[&str]) -> Tensor {
+    let c = case("nonsquare");
+    let noise = dir.join("noise.safetensors");
+    candle_core::safetensors::save(&[("latents", expected("nonsquare")["noise"].clone())].into_iter().collect(), &noise)
+        .unwrap();
+    let lat = dir.join(format!("{name}.safetensors"));
+    let png = dir.join(format!("{name}.png"));
+    let (h, w) = (c["height"].to_string(), c["width"].to_string());
+    let model = tiny_model();
+    let mut args = vec![
+        "render", "--model", model.to_str().unwrap(),
+        "--prompt", c["prompt"].as_str().unwrap(),
+        "--height", &h, "--width", &w, "--steps", "20", "--guidance", "4.5", "--no-resolution-binning",
+        "--latents", noise.to_str().unwrap(), "--save-latents", lat.to_str().unwrap(),
+        "--output", png.to_str().unwrap(), "--quiet",
+    ];
+    args.extend_from_slice(extra);
+    let o = relayfarm(&args);
+    assert!(o.status.success(), "{name}: {}", stderr(&o));
+    candle_core::safetensors::load(&lat, &Device::Cpu).unwrap()["latents"].clone()
+}
+
+/// `--tp 2`: the denoiser split over two ranks (threads; one head each) gives the plain run's
+/// final latents (and so diffusers'); a rank count that does not divide the heads is refused.
+#[test]
+fn render_tensor_parallel_matches_the_plain_run() {
+    let dir = tmpdir("tp");
+    let plain = render_latents("plain", &dir, &[]);
+    let tp2 = render_latents("tp2", &dir, &["--tp", "2"]);
+    let e = rel_err(&tp2, &plain);
+    let e_ref = rel_err(&tp2, &expected("nonsquare")["final_latents"]);
+    println!("--tp 2 vs plain: final latents max abs / std = {e:.2e}; vs diffusers {e_ref:.2e}");
+    assert!(e <= 1e-5, "--tp 2: {e}");
+    assert!(e_ref <= 1e-4, "--tp 2 vs diffusers: {e_ref}");
+    let m = tiny_model();
+    expect_error(
+        &["render", "--model", m.to_str().unwrap(), "--prompt", "x", "--tp", "3"],
+        &["num_attention_heads", "divide by 3"],
+    );
+}

@@ -20,8 +20,8 @@ use prost::Message;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
 use redis::{AsyncConnectionConfig, Value};
 use relayfarm_proto::v1::{
-    Batch, BatchEvent, BatchState, ClaimedJob, JobInfo, JobState, ModelInfo, RegisterRequest,
-    RenderParams,
+    Batch, BatchEvent, BatchState, ClaimedJob, CompleteJobRequest, JobInfo, JobState, ModelInfo,
+    RegisterRequest, RenderParams,
 };
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
@@ -553,17 +553,34 @@ impl RedisQueue {
                     .await
                     .map_err(|e| self.rerr(e))?;
                 if let Some(existing) = existing {
-                    let stored: Option<u32> = redis::cmd("HGET")
+                    let v: Vec<Option<String>> = redis::cmd("HMGET")
                         .arg(self.keys.batch(&existing))
-                        .arg("total")
+                        .arg(&["total", "sealed", "model"])
                         .query_async(&mut c)
                         .await
                         .map_err(|e| self.rerr(e))?;
-                    return Ok(SubmitOutcome {
-                        batch_id: existing,
-                        accepted: stored.unwrap_or(total),
-                        deduplicated: true,
-                    });
+                    let get = |i: usize| v.get(i).cloned().flatten();
+                    let stored_total = get(0).and_then(|t| t.parse::<u32>().ok());
+                    if get(1).as_deref() == Some("1") {
+                        return Ok(SubmitOutcome {
+                            batch_id: existing,
+                            accepted: stored_total.unwrap_or(total),
+                            deduplicated: true,
+                        });
+                    }
+                    if let (Some(t), Some(m)) = (stored_total, get(2)) {
+                        if t != total || m != batch.model {
+                            return Err(CoordError::Invalid(format!(
+                                "header.idempotency_key: already used for batch `{existing}` \
+                                 ({t} prompts for model `{m}`), not for these {total} prompts \
+                                 for `{}`",
+                                batch.model
+                            )));
+                        }
+                    }
+                    // An earlier submission with this key did not finish (or is still being
+                    // written): complete it, idempotently.
+                    return self.write_batch(&mut c, &existing, batch, true).await;
                 }
                 // The key expired between SET and GET: take it now.
                 batch_id = keys::new_batch_id();
@@ -577,47 +594,85 @@ impl RedisQueue {
                     .map_err(|e| self.rerr(e))?;
             }
         }
+        self.write_batch(&mut c, &batch_id, batch, false).await
+    }
+
+    /// Writes a batch record and its jobs, queues them and seals the batch. With `resume`,
+    /// jobs that already exist are left alone (a retry of an interrupted submission).
+    async fn write_batch(
+        &self,
+        c: &mut ConnectionManager,
+        batch_id: &str,
+        batch: &ValidatedBatch,
+        resume: bool,
+    ) -> Result<SubmitOutcome> {
+        let total = u32::try_from(batch.jobs.len())
+            .map_err(|_| CoordError::Invalid("prompts: too many prompts".into()))?;
+        let batch_id = batch_id.to_string();
         self.ensure_group(&batch.model).await?;
         let created = now_ms();
         let bkey = self.keys.batch(&batch_id);
+        let fields: [(&str, String); 10] = [
+            ("model", batch.model.clone()),
+            ("label", batch.label.clone()),
+            ("total", total.to_string()),
+            ("sealed", "0".into()),
+            ("created_ms", created.to_string()),
+            ("nb", u8::from(batch.no_resolution_binning).to_string()),
+            ("done", "0".into()),
+            ("failed", "0".into()),
+            ("cancelled", "0".into()),
+            ("running", "0".into()),
+        ];
         let mut pipe = redis::pipe();
-        pipe.cmd("HSET")
-            .arg(&bkey)
-            .arg("model")
-            .arg(&batch.model)
-            .arg("label")
-            .arg(&batch.label)
-            .arg("total")
-            .arg(total)
-            .arg("sealed")
-            .arg("0")
-            .arg("created_ms")
-            .arg(created)
-            .arg("nb")
-            .arg(u8::from(batch.no_resolution_binning))
-            .arg("done")
-            .arg(0)
-            .arg("failed")
-            .arg(0)
-            .arg("cancelled")
-            .arg(0)
-            .arg("running")
-            .arg(0)
-            .ignore();
-        pipe.cmd("ZADD")
-            .arg(self.keys.batches())
-            .arg(created)
-            .arg(&batch_id)
-            .ignore();
-        pipe.query_async::<()>(&mut c)
-            .await
-            .map_err(|e| self.rerr(e))?;
+        if resume {
+            // Keep whatever an interrupted submission already wrote.
+            for (k, v) in &fields {
+                pipe.cmd("HSETNX").arg(&bkey).arg(k).arg(v).ignore();
+            }
+            pipe.cmd("ZADD")
+                .arg(self.keys.batches())
+                .arg("NX")
+                .arg(created)
+                .arg(&batch_id)
+                .ignore();
+        } else {
+            pipe.cmd("HSET").arg(&bkey).arg(&fields[..]).ignore();
+            pipe.cmd("ZADD")
+                .arg(self.keys.batches())
+                .arg(created)
+                .arg(&batch_id)
+                .ignore();
+        }
+        pipe.query_async::<()>(c).await.map_err(|e| self.rerr(e))?;
 
         let stream = self.keys.model_jobs(&batch.model);
         let events_key = self.keys.batch_events(&batch_id);
         let nb = u8::from(batch.no_resolution_binning);
         let mut inflight = futures_util::stream::FuturesUnordered::new();
         for chunk in batch.jobs.chunks(SUBMIT_CHUNK) {
+            if resume {
+                let mut inv = self.scripts.resume.prepare_invoke();
+                inv.arg(self.keys.prefix())
+                    .arg(&batch_id)
+                    .arg(&batch.model)
+                    .arg(nb);
+                for j in chunk {
+                    inv.arg(j.index)
+                        .arg(&j.prompt)
+                        .arg(&j.name)
+                        .arg(&j.negative_prompt)
+                        .arg(j.height)
+                        .arg(j.width)
+                        .arg(j.steps)
+                        .arg(j.guidance.to_string())
+                        .arg(j.seed.to_string());
+                }
+                inv.invoke_async::<Value>(c)
+                    .await
+                    .map_err(|e| self.rerr(e))?;
+                continue;
+            }
             let mut pipe = redis::pipe();
             for j in chunk {
                 let id = keys::job_id(&batch_id, j.index);
@@ -687,13 +742,13 @@ impl RedisQueue {
             .prepare_invoke()
             .arg(self.keys.prefix())
             .arg(&batch_id)
-            .invoke_async::<Value>(&mut c)
+            .invoke_async::<Value>(c)
             .await
             .map_err(|e| self.rerr(e))?;
         Ok(SubmitOutcome {
             batch_id,
             accepted: total,
-            deduplicated: false,
+            deduplicated: resume,
         })
     }
 
@@ -901,7 +956,11 @@ impl RedisQueue {
                     }
                     continue;
                 }
-                Err(e) => return Err(self.rerr(e)),
+                Err(e) => {
+                    // Pooled connections may all be dead (Redis restarted): start afresh.
+                    lock(&self.blocking).clear();
+                    return Err(self.rerr(e));
+                }
             };
             let mut claimed = None;
             for (stream, entries) in parse_read(&reply) {
@@ -1062,16 +1121,16 @@ impl RedisQueue {
     }
 
     /// Records a finished image. True when this completion won (first for the job).
-    pub async fn complete(
-        &self,
-        worker_id: &str,
-        job_id: &str,
-        image_ref: &str,
-        width: u32,
-        height: u32,
-        seed: u64,
-        bytes: u64,
-    ) -> Result<bool> {
+    pub async fn complete(&self, req: &CompleteJobRequest) -> Result<bool> {
+        let CompleteJobRequest {
+            worker_id,
+            job_id,
+            image_ref,
+            width,
+            height,
+            seed,
+            bytes,
+        } = req;
         if image_ref.is_empty() {
             return Err(CoordError::Invalid("image_ref: empty".into()));
         }
@@ -1210,7 +1269,10 @@ impl RedisQueue {
         let mut bc = self.blocking_conn().await?;
         let reply = tokio::select! {
             _ = shutdown.cancelled() => return Err(CoordError::ShuttingDown),
-            r = cmd.query_async::<Value>(bc.conn()?) => r.map_err(|e| self.rerr(e))?,
+            r = cmd.query_async::<Value>(bc.conn()?) => r.map_err(|e| {
+                lock(&self.blocking).clear();
+                self.rerr(e)
+            })?,
         };
         bc.done();
         let mut out = Vec::new();

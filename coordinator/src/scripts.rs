@@ -247,6 +247,32 @@ done_check(b)
 return 1
 "#;
 
+/// Complete an interrupted submission: write the jobs that do not exist yet, and re-queue
+/// queued jobs never delivered (a duplicate entry is harmless: `CLAIM` drops stale ones).
+/// ARGV: prefix, batch id, model, no_binning, then per job: index, prompt, name, negative,
+/// height, width, steps, guidance, seed. Returns the number of jobs written.
+const RESUME: &str = r#"
+local b, m, nb = ARGV[2], ARGV[3], ARGV[4]
+local n = 0
+for i = 5, #ARGV, 9 do
+  local idx = tonumber(ARGV[i])
+  local id = string.format('%s-%05d', b, idx)
+  local jk = jobkey(id)
+  local s, en = unpack(redis.call('HMGET', jk, 's', 'en'))
+  if not s then
+    redis.call('HSET', jk, 'b', b, 'i', ARGV[i], 'm', m, 'p', ARGV[i + 1], 'n', ARGV[i + 2],
+      'np', ARGV[i + 3], 'h', ARGV[i + 4], 'w', ARGV[i + 5], 'st', ARGV[i + 6], 'g', ARGV[i + 7],
+      'sd', ARGV[i + 8], 'nb', nb, 's', 'queued', 'a', '0', 'en', '')
+    redis.call('XADD', evkey(b), '*', 'k', 'q', 'j', id, 'x', idx)
+    redis.call('XADD', streamkey(m), '*', 'j', id)
+    n = n + 1
+  elseif s == 'queued' and ((not en) or en == '') then
+    redis.call('XADD', streamkey(m), '*', 'j', id)
+  end
+end
+return n
+"#;
+
 /// The compiled scripts.
 #[derive(Debug, Clone)]
 pub struct Scripts {
@@ -264,6 +290,8 @@ pub struct Scripts {
     pub cancel: redis::Script,
     /// See `SEAL`.
     pub seal: redis::Script,
+    /// See `RESUME`.
+    pub resume: redis::Script,
 }
 
 impl Default for Scripts {
@@ -276,6 +304,7 @@ impl Default for Scripts {
             progress: script(PROGRESS),
             cancel: script(CANCEL),
             seal: script(SEAL),
+            resume: script(RESUME),
         }
     }
 }

@@ -6,7 +6,6 @@ use crate::events;
 use crate::keys::Keys;
 use crate::redis_queue::{QueueConfig, RedisQueue};
 use crate::validation::{self, validate_batch};
-use relayfarm_core::LocalResultStore;
 use relayfarm_proto::v1::cluster_service_server::{ClusterService, ClusterServiceServer};
 use relayfarm_proto::v1::render_service_server::{RenderService, RenderServiceServer};
 use relayfarm_proto::v1::{
@@ -18,11 +17,11 @@ use relayfarm_proto::v1::{
     RegisterResponse, ReleaseJobRequest, ReleaseJobResponse, SubmitBatchRequest,
     SubmitBatchResponse, WatchBatchRequest, FILE_DESCRIPTOR_SET,
 };
+use relayfarm_results::{ResultStore, ResultStoreError};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::AsyncReadExt;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -54,7 +53,9 @@ pub struct CoordinatorArgs {
         default_value = "redis://127.0.0.1:6379"
     )]
     pub redis: String,
-    /// Result store folder (FetchImage serves images from it; workers write into it).
+    /// Result store (FetchImage serves images from it; workers write into it): a folder, or
+    /// `s3://bucket/prefix` for S3-compatible object storage (credentials, region and endpoint
+    /// from the standard `AWS_*` variables, e.g. `AWS_ENDPOINT_URL`, `AWS_ALLOW_HTTP`).
     #[arg(long, env = "RELAYFARM_RESULTS", default_value = "./relayfarm-results")]
     pub results: PathBuf,
     /// A claimed job whose worker has not heartbeated for this long is redelivered.
@@ -91,7 +92,8 @@ pub fn init_logging(format: &str) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let _ = if format == "json" {
         builder.json().try_init()
     } else {
@@ -202,7 +204,7 @@ pub async fn serve(
 #[derive(Debug, Clone)]
 pub struct Coordinator {
     queue: Arc<RedisQueue>,
-    results: PathBuf,
+    results: ResultStore,
     shutdown: CancellationToken,
 }
 
@@ -223,9 +225,15 @@ impl Coordinator {
                 max_attempts: args.max_attempts,
             },
         )?;
+        let results = ResultStore::open(&args.results.to_string_lossy()).map_err(|e| {
+            anyhow::anyhow!(
+                "--results {}: cannot open the result store: {e}",
+                args.results.display()
+            )
+        })?;
         Ok(Coordinator {
             queue,
-            results: args.results.clone(),
+            results,
             shutdown,
         })
     }
@@ -403,35 +411,28 @@ impl Coordinator {
         image_ref: &str,
     ) -> CoordResult<mpsc::Receiver<Result<ImageChunk, Status>>> {
         require("image_ref", image_ref)?;
-        let store = LocalResultStore::open(&self.results)
-            .map_err(|e| CoordError::Store(format!("{}: {e}", self.results.display())))?;
-        let path = store
-            .checked_path(image_ref)
-            .map_err(|e| CoordError::Invalid(format!("image_ref: {e}")))?;
-        let mut file = match tokio::fs::File::open(&path).await {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+        let store = self.results.clone();
+        let total = match store.size(image_ref).await {
+            Ok(n) => n,
+            Err(ResultStoreError::NotFound(_)) => {
                 return Err(CoordError::NotFound(format!(
                     "image_ref: no image `{image_ref}` in the result store"
                 )))
             }
-            Err(e) => return Err(CoordError::Store(format!("{}: {e}", path.display()))),
+            Err(e @ ResultStoreError::InvalidKey(_)) => {
+                return Err(CoordError::Invalid(format!("image_ref: {e}")))
+            }
+            Err(e) => return Err(CoordError::Store(e.to_string())),
         };
-        let total = file
-            .metadata()
-            .await
-            .map_err(|e| CoordError::Store(format!("{}: {e}", path.display())))?
-            .len();
+        let key = image_ref.to_string();
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(async move {
             let mut offset = 0u64;
             loop {
-                let mut buf = vec![0u8; IMAGE_CHUNK_BYTES];
-                let mut filled = 0;
-                while filled < buf.len() {
-                    match file.read(&mut buf[filled..]).await {
-                        Ok(0) => break,
-                        Ok(n) => filled += n,
+                let end = (offset + IMAGE_CHUNK_BYTES as u64).min(total);
+                let data = if end > offset {
+                    match store.get_range(&key, offset..end).await {
+                        Ok(d) => d,
                         Err(e) => {
                             let _ = tx
                                 .send(Err(Status::internal(format!("result store: {e}"))))
@@ -439,18 +440,17 @@ impl Coordinator {
                             return;
                         }
                     }
-                }
-                if filled == 0 && offset > 0 {
-                    return;
-                }
-                buf.truncate(filled);
+                } else {
+                    Vec::new()
+                };
+                let n = data.len() as u64;
                 let chunk = ImageChunk {
-                    data: buf,
+                    data,
                     offset,
                     total,
                 };
-                offset += filled as u64;
-                if tx.send(Ok(chunk)).await.is_err() || filled < IMAGE_CHUNK_BYTES {
+                offset += n;
+                if tx.send(Ok(chunk)).await.is_err() || n == 0 || offset >= total {
                     return;
                 }
             }
@@ -649,17 +649,7 @@ impl ClusterService for Coordinator {
         let r = request.into_inner();
         let check = async {
             require("job_id", &r.job_id)?;
-            self.queue
-                .complete(
-                    &r.worker_id,
-                    &r.job_id,
-                    &r.image_ref,
-                    r.width,
-                    r.height,
-                    r.seed,
-                    r.bytes,
-                )
-                .await
+            self.queue.complete(&r).await
         };
         let accepted = check.await.map_err(|e| fail("CompleteJob", e))?;
         tracing::info!(worker = %r.worker_id, job = %r.job_id, image = %r.image_ref, accepted, "job completed");

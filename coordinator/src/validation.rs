@@ -192,7 +192,7 @@ impl Checker<'_> {
                     r.min_side, r.max_side, self.model
                 ),
             );
-        } else if !r.binning && v % r.multiple != 0 {
+        } else if !r.binning && v.checked_rem(r.multiple).unwrap_or(0) != 0 {
             self.err(
                 field,
                 format!(

@@ -631,3 +631,171 @@ async fn redis_restart_mid_flight() {
     coord.stop().await.unwrap();
     let _ = std::fs::remove_dir_all(results);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn interrupted_submission_is_completed_by_a_retry() {
+    let redis = RedisServer::start().unwrap();
+    let results = tmpdir("resume");
+    let coord = InProcessCoordinator::start(test_args(&redis.url(), results.clone(), 5000, 3))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (mut r, mut c) = clients(&coord.url()).await;
+    register(&mut c, "w1").await;
+    let first = submit(&mut r, "k-resume", 4).await.unwrap();
+    let batch = first.batch_id.clone();
+
+    // Simulate a submission cut off mid-write: unsealed, job 2 never written, job 3 written
+    // but its stream entry lost.
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut k = client.get_multiplexed_async_connection().await.unwrap();
+    let stream = "rf:model:tiny:jobs".to_string();
+    let entries: redis::Value = redis::cmd("XRANGE")
+        .arg(&stream)
+        .arg("-")
+        .arg("+")
+        .query_async(&mut k)
+        .await
+        .unwrap();
+    let redis::Value::Array(entries) = entries else {
+        panic!("{entries:?}")
+    };
+    let mut lost = None;
+    for e in entries {
+        let redis::Value::Array(parts) = e else {
+            continue;
+        };
+        let id: String = redis::from_redis_value_ref(&parts[0]).unwrap();
+        let fields: Vec<String> = redis::from_redis_value_ref(&parts[1]).unwrap();
+        if fields[1].ends_with("-00002") || fields[1].ends_with("-00003") {
+            let _: () = redis::cmd("XDEL")
+                .arg(&stream)
+                .arg(&id)
+                .query_async(&mut k)
+                .await
+                .unwrap();
+            if fields[1].ends_with("-00003") {
+                lost = Some(id);
+            }
+        }
+    }
+    assert!(lost.is_some());
+    let _: () = redis::cmd("DEL")
+        .arg(format!("rf:job:{batch}-00002"))
+        .query_async(&mut k)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("HSET")
+        .arg(format!("rf:batch:{batch}"))
+        .arg("sealed")
+        .arg("0")
+        .query_async(&mut k)
+        .await
+        .unwrap();
+
+    // A different batch under the same key is refused.
+    let e = submit(&mut r, "k-resume", 5).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(
+        e.message().starts_with("header.idempotency_key: "),
+        "{}",
+        e.message()
+    );
+
+    let again = submit(&mut r, "k-resume", 4).await.unwrap();
+    assert_eq!(again.batch_id, batch);
+    assert!(again.deduplicated);
+    let mut ids = std::collections::BTreeSet::new();
+    while let Some(j) = claim(&mut c, "w1", 300).await {
+        assert!(complete(&mut c, "w1", &j).await);
+        assert!(ids.insert(j.job_id), "a job was delivered twice");
+    }
+    assert_eq!(ids.len(), 4);
+    let evs = watch_all(&mut r, &batch, "").await;
+    assert_eq!(count(&evs, |k| matches!(k, Kind::Image(_))), 4);
+    assert!(matches!(
+        evs.last().and_then(|e| e.kind.clone()),
+        Some(Kind::Done(BatchDone { done: 4, .. }))
+    ));
+    coord.stop().await.unwrap();
+    let _ = std::fs::remove_dir_all(results);
+}
+
+/// Many claimers through two coordinators; some "die" holding a job (no heartbeat, no
+/// completion) and some complete twice: every job ends with exactly one image, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 8)]
+async fn stress_abandoned_and_duplicate_completions() {
+    let redis = RedisServer::start().unwrap();
+    let results = tmpdir("stress");
+    let args = test_args(&redis.url(), results.clone(), 300, 50);
+    let c1 = InProcessCoordinator::start(args.clone()).await.unwrap();
+    let c2 = InProcessCoordinator::start(args).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (mut r, mut k) = clients(&c1.url()).await;
+    register(&mut k, "w0").await;
+    let n = 200;
+    let batch = submit(&mut r, "", n).await.unwrap().batch_id;
+    let mut tasks = Vec::new();
+    for t in 0..6u64 {
+        let url = if t % 2 == 0 { c1.url() } else { c2.url() };
+        tasks.push(tokio::spawn(async move {
+            let (_, mut c) = clients(&url).await;
+            let worker = format!("w{t}");
+            let mut idle = 0;
+            let mut i = 0u64;
+            while idle < 10 {
+                let Some(j) = claim(&mut c, &worker, 100).await else {
+                    idle += 1;
+                    continue;
+                };
+                idle = 0;
+                i += 1;
+                // Every 7th claim is abandoned (the worker "dies" holding it).
+                if (i * (t + 3)).is_multiple_of(7) {
+                    continue;
+                }
+                complete(&mut c, &worker, &j).await;
+                if i.is_multiple_of(5) {
+                    // A duplicate completion must lose.
+                    assert!(!complete(&mut c, &worker, &j).await);
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let evs = watch_all(&mut r, &batch, "").await;
+    let mut images = std::collections::BTreeSet::new();
+    for e in &evs {
+        if matches!(e.kind, Some(Kind::Image(_))) {
+            assert!(
+                images.insert(e.job_id.clone()),
+                "two images for {}",
+                e.job_id
+            );
+        }
+    }
+    assert_eq!(images.len(), n);
+    assert_eq!(count(&evs, |k| matches!(k, Kind::Done(_))), 1);
+    assert!(matches!(
+        evs.last().and_then(|e| e.kind.clone()),
+        Some(Kind::Done(BatchDone {
+            done: 200,
+            failed: 0,
+            cancelled: 0
+        }))
+    ));
+    let b = r
+        .get_batch(GetBatchRequest {
+            batch_id: batch,
+            include_jobs: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((b.done, b.running, b.queued), (200, 0, 0));
+    c1.stop().await.unwrap();
+    c2.stop().await.unwrap();
+    let _ = std::fs::remove_dir_all(results);
+}

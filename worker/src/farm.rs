@@ -19,11 +19,11 @@ use anyhow::{anyhow, bail, Context};
 use candle_core::Device;
 use clap::Parser;
 use device_thread::{DeviceThread, ModelSpec, RenderCommand, RenderError, Rendered};
-use relayfarm_core::LocalResultStore;
 use relayfarm_models::pipeline::PipelineOptions;
 use relayfarm_models::RunDtype;
 use relayfarm_proto::v1::{ClaimedJob, CompleteJobRequest, DeviceInfo, RegisterRequest};
-use rpc::{Backoff, Cluster};
+use relayfarm_results::ResultStore;
+use rpc::{Backoff, Cluster, LogEvery};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -56,7 +56,9 @@ pub struct WorkerArgs {
     /// Device: cpu, or cuda:N (needs a build with --features cuda).
     #[arg(long, env = "RELAYFARM_DEVICE", default_value = "cpu")]
     pub device: String,
-    /// Result store folder (shared with the coordinator, which serves FetchImage from it).
+    /// Result store (shared with the coordinator, which serves FetchImage from it): a folder,
+    /// or `s3://bucket/prefix` for S3-compatible object storage (credentials, region and
+    /// endpoint from the standard `AWS_*` variables, e.g. `AWS_ENDPOINT_URL`, `AWS_ALLOW_HTTP`).
     #[arg(long, env = "RELAYFARM_RESULTS", default_value = "relayfarm-results")]
     pub results: PathBuf,
     /// Run dtype.
@@ -244,9 +246,9 @@ pub async fn serve(args: WorkerArgs, shutdown: Shutdown) -> anyhow::Result<()> {
         variant: args.variant.clone(),
         ..PipelineOptions::cpu(dtype)
     };
-    let store = LocalResultStore::open(&args.results).with_context(|| {
+    let store = ResultStore::open(&args.results.to_string_lossy()).with_context(|| {
         format!(
-            "--results {}: cannot create the result store folder",
+            "--results {}: cannot open the result store",
             args.results.display()
         )
     })?;
@@ -270,7 +272,7 @@ pub async fn serve(args: WorkerArgs, shutdown: Shutdown) -> anyhow::Result<()> {
         coordinator = cluster.url(),
         models = ?device.models().iter().map(|m| m.name.as_str()).collect::<Vec<_>>(),
         device = %args.device,
-        results = %args.results.display(),
+        results = %store.description(),
         noop = args.noop,
         "worker ready"
     );
@@ -326,7 +328,7 @@ struct Worker {
     heartbeat_ms: AtomicU64,
     lease_ms: AtomicU64,
     reregistering: tokio::sync::Mutex<()>,
-    store: LocalResultStore,
+    store: ResultStore,
     device: DeviceThread,
     settings: Settings,
     /// Cancelled by a second shutdown signal: stop retrying reports (leases redeliver).
@@ -374,21 +376,23 @@ impl Worker {
     /// Registers, retrying with backoff while the coordinator is unreachable. `false` if
     /// stopped first.
     async fn register_until_ok(&self, stop: &CancellationToken) -> bool {
-        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(2));
+        let mut log = LogEvery::new(Duration::from_secs(10));
         let started = Instant::now();
         loop {
             match self.register_once().await {
                 Ok(()) => return true,
                 Err(status) => {
                     let delay = backoff.next_delay();
-                    tracing::warn!(
-                        coordinator = self.cluster.url(),
-                        code = ?status.code(),
-                        error = %rpc::describe(&status),
-                        waited_s = started.elapsed().as_secs(),
-                        retry_in_ms = delay.as_millis() as u64,
-                        "cannot register with the coordinator; retrying"
-                    );
+                    if log.due(Instant::now()).is_some() {
+                        tracing::warn!(
+                            coordinator = self.cluster.url(),
+                            code = ?status.code(),
+                            error = %rpc::describe(&status),
+                            waited_s = started.elapsed().as_secs(),
+                            "cannot register with the coordinator; retrying with backoff (up to every 2 s)"
+                        );
+                    }
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
                         _ = stop.cancelled() => return false,
@@ -516,8 +520,10 @@ impl Worker {
     }
 
     async fn claim_loop(self: Arc<Self>, shutdown: &Shutdown) -> anyhow::Result<()> {
-        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
-        let mut failing = false;
+        let new_backoff = || Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+        let mut backoff = new_backoff();
+        let mut log = LogEvery::new(Duration::from_secs(30));
+        let mut failing_since: Option<Instant> = None;
         while !shutdown.graceful.is_cancelled() {
             // The long-poll is not interrupted by a shutdown: a job the coordinator hands out
             // meanwhile is released at once rather than left to a lease expiry.
@@ -527,11 +533,14 @@ impl Worker {
                 .await;
             let job = match claimed {
                 Ok(resp) => {
-                    if failing {
-                        tracing::info!("claiming again");
-                        failing = false;
+                    if let Some(since) = failing_since.take() {
+                        tracing::info!(
+                            outage_ms = since.elapsed().as_millis() as u64,
+                            "claiming again"
+                        );
+                        backoff = new_backoff();
+                        log.reset();
                     }
-                    backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
                     match resp.job {
                         Some(job) => job,
                         None => continue,
@@ -539,16 +548,17 @@ impl Worker {
                 }
                 Err(status) => {
                     let delay = backoff.next_delay();
-                    if !failing || delay >= Duration::from_secs(5) {
+                    let since = *failing_since.get_or_insert_with(Instant::now);
+                    if let Some(suppressed) = log.due(Instant::now()) {
                         tracing::warn!(
                             coordinator = self.cluster.url(),
                             code = ?status.code(),
                             error = %rpc::describe(&status),
-                            retry_in_ms = delay.as_millis() as u64,
-                            "claim failed"
+                            failing_for_s = since.elapsed().as_secs(),
+                            suppressed,
+                            "claim failed; retrying with backoff (up to every 2 s)"
                         );
                     }
-                    failing = true;
                     if matches!(
                         status.code(),
                         tonic::Code::NotFound | tonic::Code::FailedPrecondition
@@ -650,8 +660,15 @@ impl Worker {
             }
         };
         // The device thread dropped the progress sender with the command; let the forwarder
-        // send the final step before completion.
-        let _ = forwarder.await;
+        // send the final step before completion (bounded: progress is advisory, and a report
+        // stuck on an unreachable coordinator must not hold the result back).
+        let abort_forwarder = forwarder.abort_handle();
+        if tokio::time::timeout(Duration::from_secs(2), forwarder)
+            .await
+            .is_err()
+        {
+            abort_forwarder.abort();
+        }
         let Ok(result) = result else {
             tracing::error!("the device thread stopped during the job; releasing it and stopping");
             self.release(&job.job_id).await;
@@ -682,30 +699,22 @@ impl Worker {
         started: Instant,
     ) -> Outcome {
         let key = result_key(&job.batch_id, job.index, &job.name, &job.prompt);
-        let store = self.store.clone();
         let bytes = rendered.png.len() as u64;
+        let render_ms = rendered.render_ms;
         let png = rendered.png;
-        let k = key.clone();
-        let put = tokio::task::spawn_blocking(move || store.put(&k, &png))
+        let put = self
+            .store
+            .put(&key, png)
             .instrument(tracing::info_span!("store", key = %key))
             .await;
         match put {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => {
+            Ok(()) => {}
+            Err(e) => {
                 tracing::error!(key = %key, error = %e, "cannot write the image to the result store");
                 return self
                     .fail(
                         &job.job_id,
                         &format!("worker cannot write {key} to the result store: {e}"),
-                        true,
-                    )
-                    .await;
-            }
-            Err(e) => {
-                return self
-                    .fail(
-                        &job.job_id,
-                        &format!("worker result store write stopped: {e}"),
                         true,
                     )
                     .await;
@@ -736,7 +745,7 @@ impl Worker {
             Ok(resp) => {
                 let ms = started.elapsed().as_millis() as u64;
                 if resp.accepted {
-                    tracing::info!(image_ref = %key, bytes, ms, "job completed");
+                    tracing::info!(image_ref = %key, bytes, render_ms, ms, "job completed");
                 } else {
                     tracing::info!(image_ref = %key, ms, "job was already completed by another attempt; this result is discarded");
                 }
@@ -953,9 +962,10 @@ mod tests {
         assert!(k.len() <= "b/00001-".len() + 40 + 4, "{k}");
         assert!(!k.contains("-.png"));
         // Every key is accepted by the result store.
-        let store = LocalResultStore::open(std::env::temp_dir()).unwrap();
+        let store = relayfarm_core::LocalResultStore::open(std::env::temp_dir()).unwrap();
         for k in [result_key("../x", 1, "/abs", ""), result_key("", 0, "", "")] {
             store.checked_path(&k).unwrap();
+            relayfarm_results::check_key(&k).unwrap();
         }
     }
 

@@ -78,6 +78,11 @@ fn main() -> Result<()> {
     let ks = qkv.i((.., .., 1))?.transpose(1, 2)?;
     let vs = qkv.i((.., .., 2))?.transpose(1, 2)?;
 
+    // The VAE mid-block: one 512-channel head over a 64×64 latent.
+    let qv = Tensor::randn(0f32, 1.0, (1, 1, 4096, 512), &dev)?;
+    let kv = Tensor::randn(0f32, 1.0, (1, 1, 4096, 512), &dev)?;
+    let vv = Tensor::randn(0f32, 1.0, (1, 1, 4096, 512), &dev)?;
+    let vae_scale = 1.0 / (512f64).sqrt();
     type Case<'a> = (String, Box<dyn Fn() -> Result<Tensor> + 'a>);
     let self_name = "self_2x16x1024x72";
     let cross_name = "cross_2x16x1024x300x72_mask";
@@ -109,6 +114,18 @@ fn main() -> Result<()> {
         (
             format!("fused_portable_{cross_name}"),
             Box::new(|| fused_cpu_attention_portable(&q, &kc, &vc, Some(&mask), scale)),
+        ),
+        (
+            "naive_vae_1x1x4096x512".into(),
+            Box::new(|| naive_attention(&qv, &kv, &vv, None, vae_scale)),
+        ),
+        (
+            "fused_vae_1x1x4096x512".into(),
+            Box::new(|| fused_cpu_attention(&qv, &kv, &vv, None, vae_scale)),
+        ),
+        (
+            "fused_portable_vae_1x1x4096x512".into(),
+            Box::new(|| fused_cpu_attention_portable(&qv, &kv, &vv, None, vae_scale)),
         ),
     ];
     for (name, f) in &cases {

@@ -74,8 +74,9 @@ fn copy_dir(src: &Path, dst: &Path) {
 /// A copy of the fixture pipeline whose transformer reads the same weights as 4 heads of 4
 /// channels (inner width 16, as the fixture's 2 × 8), so that it splits over 4 ranks.
 fn four_head_pipeline() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("relayfarm-tp4-{}", std::process::id()));
-    if !dir.join("model_index.json").is_file() {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("relayfarm-tp4-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         copy_dir(&tiny(), &dir);
         let cfg_path = dir.join("transformer/config.json");
@@ -84,8 +85,9 @@ fn four_head_pipeline() -> PathBuf {
         cfg.insert("num_attention_heads".into(), 4.into());
         cfg.insert("attention_head_dim".into(), 4.into());
         std::fs::write(&cfg_path, serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
-    }
-    dir
+        dir
+    })
+    .clone()
 }
 
 fn transformer_folder(pipe: &Path) -> ComponentFolder {

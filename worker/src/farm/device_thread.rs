@@ -119,6 +119,8 @@ pub struct Rendered {
     pub height: u32,
     /// The seed used.
     pub seed: u64,
+    /// Time spent rendering on the device thread, in milliseconds.
+    pub render_ms: u64,
 }
 
 /// Why a render did not produce an image.
@@ -304,9 +306,16 @@ fn device_loop(backend: Backend, rx: mpsc::Receiver<RenderCommand>) {
             reply,
         } = cmd;
         let _entered = span.enter();
+        let started = std::time::Instant::now();
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             render(&backend, &model, &job, &progress, &cancel)
         }))
+        .map(|r| {
+            r.map(|mut out| {
+                out.render_ms = started.elapsed().as_millis() as u64;
+                out
+            })
+        })
         .unwrap_or_else(|panic| {
             let what = panic
                 .downcast_ref::<&str>()
@@ -355,6 +364,7 @@ fn render(
                     height: out.metadata.height,
                     seed: out.metadata.seed,
                     png: out.png,
+                    render_ms: 0,
                 }),
                 Err(e) if e.is_cancelled() => Err(RenderError::Cancelled),
                 Err(crate::runner::RunnerError::Model(
@@ -418,6 +428,7 @@ fn noop_render(
         width: NOOP_SIDE,
         height: NOOP_SIDE,
         seed: job.seed,
+        render_ms: 0,
     })
 }
 

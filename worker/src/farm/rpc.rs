@@ -213,6 +213,45 @@ impl Backoff {
     }
 }
 
+/// Rate-limits a repeated log line: the first occurrence, then at most one per `period`.
+#[derive(Debug, Clone)]
+pub struct LogEvery {
+    period: Duration,
+    last: Option<Instant>,
+    suppressed: u32,
+}
+
+impl LogEvery {
+    /// At most one line per `period`.
+    pub fn new(period: Duration) -> Self {
+        LogEvery {
+            period,
+            last: None,
+            suppressed: 0,
+        }
+    }
+
+    /// `Some(lines suppressed since the last one)` when a line is due now.
+    pub fn due(&mut self, now: Instant) -> Option<u32> {
+        match self.last {
+            Some(last) if now.saturating_duration_since(last) < self.period => {
+                self.suppressed += 1;
+                None
+            }
+            _ => {
+                self.last = Some(now);
+                Some(std::mem::take(&mut self.suppressed))
+            }
+        }
+    }
+
+    /// Starts over (the next line is logged at once).
+    pub fn reset(&mut self) {
+        self.last = None;
+        self.suppressed = 0;
+    }
+}
+
 /// Calls `f` until it succeeds, fails with a non-transient status, `window` has passed or
 /// `abort` is cancelled (the last error is returned). Each transient failure is logged with
 /// the delay before the next try.
@@ -227,7 +266,8 @@ where
     Fut: Future<Output = Result<T, Status>>,
 {
     let started = Instant::now();
-    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+    let mut log = LogEvery::new(Duration::from_secs(10));
     let mut tries = 0u32;
     loop {
         tries += 1;
@@ -240,13 +280,17 @@ where
             }
             Err(status) if is_transient(&status) && started.elapsed() < window => {
                 let delay = backoff.next_delay();
-                tracing::warn!(
-                    what,
-                    code = ?status.code(),
-                    error = %describe(&status),
-                    retry_in_ms = delay.as_millis() as u64,
-                    "coordinator call failed; retrying"
-                );
+                if log.due(Instant::now()).is_some() {
+                    tracing::warn!(
+                        what,
+                        code = ?status.code(),
+                        error = %describe(&status),
+                        tries,
+                        waited_ms = started.elapsed().as_millis() as u64,
+                        window_s = window.as_secs(),
+                        "coordinator call failed; retrying with backoff"
+                    );
+                }
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
                     _ = abort.cancelled() => return Err(status),
@@ -266,6 +310,18 @@ mod tests {
         let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(500));
         let d: Vec<u64> = (0..5).map(|_| b.next_delay().as_millis() as u64).collect();
         assert_eq!(d, vec![100, 200, 400, 500, 500]);
+    }
+
+    #[test]
+    fn log_every_limits() {
+        let mut l = LogEvery::new(Duration::from_secs(10));
+        let t0 = Instant::now();
+        assert_eq!(l.due(t0), Some(0));
+        assert_eq!(l.due(t0 + Duration::from_secs(1)), None);
+        assert_eq!(l.due(t0 + Duration::from_secs(2)), None);
+        assert_eq!(l.due(t0 + Duration::from_secs(10)), Some(2));
+        l.reset();
+        assert_eq!(l.due(t0 + Duration::from_secs(11)), Some(0));
     }
 
     #[test]

@@ -656,6 +656,10 @@ impl Block {
 
 /// The PixArt denoiser. `forward` is `&self` and thread-safe; the position-table cache is
 /// behind a mutex.
+///
+/// A tensor-parallel rank ([`PixArtTransformer::new_sharded`]) is different: its forward
+/// calls take part in collectives, so each rank must make the same calls in the same order,
+/// one at a time.
 #[derive(Debug)]
 pub struct PixArtTransformer {
     cfg: PixArtConfig,

@@ -251,7 +251,14 @@ impl ShardedWeights {
         let dims = view.shape().to_vec();
         let data = view.data();
         let Some(dim) = dim.filter(|_| self.shard.world > 1) else {
-            let t = Tensor::from_raw_buffer(data, file_dtype, &dims, &self.device)?;
+            let whole = 0..data.len();
+            let t = from_byte_ranges(
+                data,
+                std::slice::from_ref(&whole),
+                file_dtype,
+                &dims,
+                &self.device,
+            )?;
             return Ok(t.to_dtype(self.dtype)?);
         };
         if dim >= dims.len() {
@@ -268,15 +275,10 @@ impl ShardedWeights {
         let (lo, hi) = (range.start * inner_bytes, range.end * inner_bytes);
         let mut out_dims = dims.clone();
         out_dims[dim] = range.len();
-        let t = if outer == 1 {
-            Tensor::from_raw_buffer(&data[lo..hi], file_dtype, &out_dims, &self.device)?
-        } else {
-            let mut buf = Vec::with_capacity(outer * (hi - lo));
-            for o in 0..outer {
-                buf.extend_from_slice(&data[o * row_bytes + lo..o * row_bytes + hi]);
-            }
-            Tensor::from_raw_buffer(&buf, file_dtype, &out_dims, &self.device)?
-        };
+        let ranges: Vec<Range<usize>> = (0..outer)
+            .map(|o| o * row_bytes + lo..o * row_bytes + hi)
+            .collect();
+        let t = from_byte_ranges(data, &ranges, file_dtype, &out_dims, &self.device)?;
         Ok(t.to_dtype(self.dtype)?)
     }
 
@@ -306,6 +308,83 @@ impl ShardedWeights {
             Ok(None)
         }
     }
+}
+
+/// A tensor of `dtype` and `dims` from the concatenated byte `ranges` of `data` (little-endian
+/// elements, as safetensors stores them), copied once into the tensor's own buffer.
+fn from_byte_ranges(
+    data: &[u8],
+    ranges: &[Range<usize>],
+    dtype: DType,
+    dims: &[usize],
+    device: &Device,
+) -> Result<Tensor> {
+    let total: usize = ranges.iter().map(|r| r.len()).sum();
+    let n: usize = dims.iter().product();
+    if total != n * dtype.size_in_bytes() || ranges.iter().any(|r| r.end > data.len()) {
+        return Err(candle_core::Error::Msg(format!(
+            "slice of {total} bytes does not hold {dims:?} {dtype:?}"
+        ))
+        .into());
+    }
+    match dtype {
+        DType::F32 => typed_from_ranges::<f32>(data, ranges, dims, device),
+        DType::F16 => typed_from_ranges::<half::f16>(data, ranges, dims, device),
+        DType::BF16 => typed_from_ranges::<half::bf16>(data, ranges, dims, device),
+        DType::F64 => typed_from_ranges::<f64>(data, ranges, dims, device),
+        _ => {
+            let mut buf = Vec::with_capacity(total);
+            for r in ranges {
+                buf.extend_from_slice(&data[r.clone()]);
+            }
+            Ok(Tensor::from_raw_buffer(&buf, dtype, dims, device)?)
+        }
+    }
+}
+
+/// [`from_byte_ranges`] for a float element type: the bytes go straight into a `Vec<T>`.
+#[cfg(target_endian = "little")]
+fn typed_from_ranges<T: candle_core::WithDType>(
+    data: &[u8],
+    ranges: &[Range<usize>],
+    dims: &[usize],
+    device: &Device,
+) -> Result<Tensor> {
+    let n: usize = dims.iter().product();
+    let size = std::mem::size_of::<T>();
+    let mut v: Vec<T> = Vec::with_capacity(n);
+    let dst = v.as_mut_ptr().cast::<u8>();
+    let mut off = 0usize;
+    for r in ranges {
+        let src = &data[r.clone()];
+        // SAFETY: `from_byte_ranges` checked that the ranges hold exactly `n · size` bytes in
+        // all, so every copy stays inside the `n`-element allocation; the source is a plain
+        // byte slice (any alignment) that does not overlap the new vector.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst.add(off), src.len()) };
+        off += src.len();
+    }
+    if off != n * size {
+        return Err(candle_core::Error::Msg(format!("copied {off} bytes for {n} elements")).into());
+    }
+    // SAFETY: all `n` elements were initialised above, and every bit pattern is a valid
+    // f32/f16/bf16/f64 (the element types this is called with); safetensors stores
+    // little-endian values, matching this target.
+    unsafe { v.set_len(n) };
+    Ok(Tensor::from_vec(v, dims, device)?)
+}
+
+#[cfg(not(target_endian = "little"))]
+fn typed_from_ranges<T: candle_core::WithDType>(
+    data: &[u8],
+    ranges: &[Range<usize>],
+    dims: &[usize],
+    device: &Device,
+) -> Result<Tensor> {
+    let mut buf = Vec::new();
+    for r in ranges {
+        buf.extend_from_slice(&data[r.clone()]);
+    }
+    Ok(Tensor::from_raw_buffer(&buf, T::DTYPE, dims, device)?)
 }
 
 /// Bytes of weights a rank holds, split into what tensor parallelism divides across ranks and

@@ -416,7 +416,9 @@ impl AutoencoderKL {
     pub fn encode(&self, x: &Tensor) -> Result<DiagonalGaussian> {
         self.check_input(x, "image", self.config.in_channels)?;
         let x = x.to_dtype(self.dtype)?;
-        let mut h = self.encoder.forward(&x)?;
+        let h = self.encoder.forward(&x);
+        super::conv::release_scratch();
+        let mut h = h?;
         if let Some(conv) = &self.quant_conv {
             h = conv.forward(&h)?;
         }
@@ -431,7 +433,9 @@ impl AutoencoderKL {
         if let Some(conv) = &self.post_quant_conv {
             z = conv.forward(&z)?;
         }
-        self.decoder.forward(&z)
+        let out = self.decoder.forward(&z);
+        super::conv::release_scratch();
+        out
     }
 
     /// Decodes diffusion latents: `decode(latents / scaling_factor + shift_factor)`.

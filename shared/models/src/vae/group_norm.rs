@@ -5,6 +5,7 @@
 //! `silu((x − μ)·rstd·γ + β)` in a single output pass, so each call allocates one tensor. Other
 //! devices use candle's `GroupNorm` followed by `silu`.
 
+use super::simd::simd_dispatch;
 use crate::Result;
 use candle_core::{CpuStorage, DType, Module, Storage, Tensor};
 use candle_nn::VarBuilder;
@@ -129,17 +130,18 @@ pub(crate) fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result
     Ok(f(&data[start..start + layout.shape().elem_count()]))
 }
 
-/// `dst = act(src·scale + shift)` with `act` SiLU or the identity.
-#[inline]
-pub(crate) fn affine_act(dst: &mut [f32], src: &[f32], scale: f32, shift: f32, silu: bool) {
-    if silu {
-        for (d, &s) in dst.iter_mut().zip(src) {
-            let y = s * scale + shift;
-            *d = y / (1.0 + exp_fast(-y));
-        }
-    } else {
-        for (d, &s) in dst.iter_mut().zip(src) {
-            *d = s * scale + shift;
+simd_dispatch! {
+    /// `dst = act(src·scale + shift)` with `act` SiLU or the identity.
+    pub(crate) fn affine_act(dst: &mut [f32], src: &[f32], scale: f32, shift: f32, silu: bool) {
+        if silu {
+            for (d, &s) in dst.iter_mut().zip(src) {
+                let y = s * scale + shift;
+                *d = y / (1.0 + exp_fast(-y));
+            }
+        } else {
+            for (d, &s) in dst.iter_mut().zip(src) {
+                *d = s * scale + shift;
+            }
         }
     }
 }
@@ -156,7 +158,9 @@ pub(crate) fn exp_fast(x: f32) -> f32 {
     // Adding and subtracting 1.5·2²³ rounds to the nearest integer (ties to even).
     const ROUND: f32 = 12_582_912.0;
     let x = x.clamp(-87.3, 88.0);
-    let n = (x * LOG2E + ROUND) - ROUND;
+    // k = ROUND + n exactly, so its low mantissa bits hold n (two's complement).
+    let k = x * LOG2E + ROUND;
+    let n = k - ROUND;
     let f = (x - n * LN2_HI) - n * LN2_LO;
     let p = 1.0
         + f * (1.0
@@ -164,39 +168,43 @@ pub(crate) fn exp_fast(x: f32) -> f32 {
                 + f * (1.0 / 6.0
                     + f * (1.0 / 24.0
                         + f * (1.0 / 120.0 + f * (1.0 / 720.0 + f * (1.0 / 5040.0)))))));
-    let bits = ((n as i32 + 127) as u32) << 23;
-    p * f32::from_bits(bits)
+    let n_bits = k.to_bits().wrapping_sub(ROUND.to_bits());
+    p * f32::from_bits(n_bits.wrapping_add(127) << 23)
 }
 
-/// Sum in f64 with eight independent accumulators (vectorisable).
-fn sum_f64(x: &[f32]) -> f64 {
-    let mut acc = [0f64; 8];
-    let mut chunks = x.chunks_exact(8);
-    for c in &mut chunks {
-        for (a, &v) in acc.iter_mut().zip(c) {
-            *a += v as f64;
+simd_dispatch! {
+    /// Sum in f64 with eight independent accumulators (vectorisable).
+    fn sum_f64(x: &[f32]) -> f64 {
+        let mut acc = [0f64; 8];
+        let mut chunks = x.chunks_exact(8);
+        for c in &mut chunks {
+            for (a, &v) in acc.iter_mut().zip(c) {
+                *a += v as f64;
+            }
         }
+        let tail: f64 = chunks.remainder().iter().map(|&v| v as f64).sum();
+        acc.iter().sum::<f64>() + tail
     }
-    let tail: f64 = chunks.remainder().iter().map(|&v| v as f64).sum();
-    acc.iter().sum::<f64>() + tail
 }
 
-/// `Σ (x − mean)²` in f64 with eight independent accumulators.
-fn centred_sq_f64(x: &[f32], mean: f64) -> f64 {
-    let mut acc = [0f64; 8];
-    let mut chunks = x.chunks_exact(8);
-    for c in &mut chunks {
-        for (a, &v) in acc.iter_mut().zip(c) {
-            let d = v as f64 - mean;
-            *a += d * d;
+simd_dispatch! {
+    /// `Σ (x − mean)²` in f64 with eight independent accumulators.
+    fn centred_sq_f64(x: &[f32], mean: f64) -> f64 {
+        let mut acc = [0f64; 8];
+        let mut chunks = x.chunks_exact(8);
+        for c in &mut chunks {
+            for (a, &v) in acc.iter_mut().zip(c) {
+                let d = v as f64 - mean;
+                *a += d * d;
+            }
         }
+        let tail: f64 = chunks
+            .remainder()
+            .iter()
+            .map(|&v| (v as f64 - mean).powi(2))
+            .sum();
+        acc.iter().sum::<f64>() + tail
     }
-    let tail: f64 = chunks
-        .remainder()
-        .iter()
-        .map(|&v| (v as f64 - mean).powi(2))
-        .sum();
-    acc.iter().sum::<f64>() + tail
 }
 
 #[cfg(test)]

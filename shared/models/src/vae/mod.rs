@@ -9,6 +9,7 @@ mod decoder;
 mod encoder;
 mod group_norm;
 mod resnet;
+mod simd;
 
 pub use autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig, DiagonalGaussian};
 pub use decoder::Decoder;
