@@ -6,8 +6,8 @@
 
 use relayfarm_proto::v1::render_service_client::RenderServiceClient;
 use relayfarm_proto::v1::{
-    batch_event, submit_batch_request, BatchHeader, GetBatchRequest, ListModelsRequest,
-    PromptItem, RenderParams, SubmitBatchRequest, WatchBatchRequest,
+    batch_event, submit_batch_request, BatchHeader, GetBatchRequest, ListModelsRequest, PromptItem,
+    RenderParams, SubmitBatchRequest, WatchBatchRequest,
 };
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -31,7 +31,10 @@ impl Proc {
             .stderr(Stdio::from(err))
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
-        Proc { name: name.to_string(), child: Some(child) }
+        Proc {
+            name: name.to_string(),
+            child: Some(child),
+        }
     }
 
     fn pid(&self) -> u32 {
@@ -49,7 +52,10 @@ impl Proc {
     /// SIGTERM, then wait up to `grace` for the exit.
     fn terminate(&mut self, grace: Duration) -> Option<std::process::ExitStatus> {
         let c = self.child.as_mut()?;
-        let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(c.id().to_string())
+            .status();
         let t0 = Instant::now();
         while t0.elapsed() < grace {
             if let Ok(Some(st)) = c.try_wait() {
@@ -73,7 +79,11 @@ impl Drop for Proc {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Waits until `proc` listens on `port`. Returns false if it exited first (e.g. the port was
@@ -96,7 +106,10 @@ fn wait_listening(proc: &mut Proc, port: u16, what: &str) -> bool {
 }
 
 fn tiny_model() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/pixart-sigma-tiny"))
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/pixart-sigma-tiny"
+    ))
 }
 
 /// One farm: Redis, a coordinator, workers; all on loopback, in a temp folder.
@@ -129,7 +142,16 @@ impl Farm {
     fn start_redis(&mut self) {
         for _ in 0..5 {
             let mut cmd = Command::new("redis-server");
-            cmd.args(["--port", &self.redis_port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]);
+            cmd.args([
+                "--port",
+                &self.redis_port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ]);
             let mut p = Proc::spawn("redis-server", &mut cmd, &self.dir.join("redis.log"));
             if wait_listening(&mut p, self.redis_port, "redis-server") {
                 self.redis = Some(p);
@@ -152,14 +174,23 @@ impl Farm {
         for attempt in 0..5 {
             let mut cmd = Command::new(env!("CARGO_BIN_EXE_relayfarm-coordinator"));
             cmd.args([
-                "--listen", &format!("127.0.0.1:{}", self.coord_port),
-                "--redis", &format!("redis://127.0.0.1:{}", self.redis_port),
-                "--results", self.dir.join("results").to_str().unwrap(),
-                "--lease-ms", &self.lease_ms.to_string(),
-                "--max-attempts", "3",
+                "--listen",
+                &format!("127.0.0.1:{}", self.coord_port),
+                "--redis",
+                &format!("redis://127.0.0.1:{}", self.redis_port),
+                "--results",
+                self.dir.join("results").to_str().unwrap(),
+                "--lease-ms",
+                &self.lease_ms.to_string(),
+                "--max-attempts",
+                "3",
             ]);
             let n = std::fs::read_dir(&self.dir).map(|d| d.count()).unwrap_or(0);
-            let mut p = Proc::spawn("coordinator", &mut cmd, &self.dir.join(format!("coordinator-{n}.log")));
+            let mut p = Proc::spawn(
+                "coordinator",
+                &mut cmd,
+                &self.dir.join(format!("coordinator-{n}.log")),
+            );
             if wait_listening(&mut p, self.coord_port, "relayfarm-coordinator") {
                 self.coordinator = Some(p);
                 return;
@@ -170,20 +201,31 @@ impl Farm {
                 self.coord_port = free_port();
             }
         }
-        panic!("relayfarm-coordinator did not start; see {}", self.dir.display());
+        panic!(
+            "relayfarm-coordinator did not start; see {}",
+            self.dir.display()
+        );
     }
 
     fn start_worker(&mut self) {
         let i = self.workers.len();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_relayfarm-worker"));
         cmd.args([
-            "--coordinator", &format!("http://127.0.0.1:{}", self.coord_port),
-            "--model", &format!("tiny={}", tiny_model().display()),
-            "--results", self.dir.join("results").to_str().unwrap(),
-            "--worker-id", &format!("w{i}"),
+            "--coordinator",
+            &format!("http://127.0.0.1:{}", self.coord_port),
+            "--model",
+            &format!("tiny={}", tiny_model().display()),
+            "--results",
+            self.dir.join("results").to_str().unwrap(),
+            "--worker-id",
+            &format!("w{i}"),
         ]);
         cmd.env("RAYON_NUM_THREADS", "1");
-        self.workers.push(Proc::spawn(&format!("worker-{i}"), &mut cmd, &self.dir.join(format!("worker-{i}.log"))));
+        self.workers.push(Proc::spawn(
+            &format!("worker-{i}"),
+            &mut cmd,
+            &self.dir.join(format!("worker-{i}.log")),
+        ));
     }
 
     fn url(&self) -> String {
@@ -195,7 +237,9 @@ impl Farm {
         loop {
             match RenderServiceClient::connect(self.url()).await {
                 Ok(c) => return c,
-                Err(e) if t0.elapsed() > Duration::from_secs(30) => panic!("coordinator unreachable: {e}"),
+                Err(e) if t0.elapsed() > Duration::from_secs(30) => {
+                    panic!("coordinator unreachable: {e}")
+                }
                 Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
             }
         }
@@ -207,18 +251,30 @@ impl Farm {
         loop {
             let mut c = self.client().await;
             if let Ok(r) = c.list_models(ListModelsRequest {}).await {
-                if r.into_inner().models.iter().any(|m| m.name == "tiny" && m.workers >= n) {
+                if r.into_inner()
+                    .models
+                    .iter()
+                    .any(|m| m.name == "tiny" && m.workers >= n)
+                {
                     return;
                 }
             }
-            assert!(t0.elapsed() < Duration::from_secs(120), "workers did not register; logs in {}", self.dir.display());
+            assert!(
+                t0.elapsed() < Duration::from_secs(120),
+                "workers did not register; logs in {}",
+                self.dir.display()
+            );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 
     fn pngs(&self, batch: &str) -> usize {
         std::fs::read_dir(self.dir.join("results").join(batch))
-            .map(|d| d.filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().ends_with(".png")).count())
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .filter(|e| e.file_name().to_string_lossy().ends_with(".png"))
+                    .count()
+            })
             .unwrap_or(0)
     }
 }
@@ -242,11 +298,17 @@ fn header(steps: u32) -> SubmitBatchRequest {
 
 fn prompt(text: &str) -> SubmitBatchRequest {
     SubmitBatchRequest {
-        item: Some(submit_batch_request::Item::Prompt(PromptItem { prompt: text.into(), ..Default::default() })),
+        item: Some(submit_batch_request::Item::Prompt(PromptItem {
+            prompt: text.into(),
+            ..Default::default()
+        })),
     }
 }
 
-async fn submit(c: &mut RenderServiceClient<Channel>, items: Vec<SubmitBatchRequest>) -> Result<String, tonic::Status> {
+async fn submit(
+    c: &mut RenderServiceClient<Channel>,
+    items: Vec<SubmitBatchRequest>,
+) -> Result<String, tonic::Status> {
     let r = c.submit_batch(tokio_stream::iter(items)).await?;
     Ok(r.into_inner().batch_id)
 }
@@ -257,19 +319,32 @@ async fn check_exactly_once(farm: &Farm, batch: &str, n: usize) {
     let t0 = Instant::now();
     loop {
         let mut c = farm.client().await;
-        if let Ok(b) = c.get_batch(GetBatchRequest { batch_id: batch.into(), include_jobs: false }).await {
+        if let Ok(b) = c
+            .get_batch(GetBatchRequest {
+                batch_id: batch.into(),
+                include_jobs: false,
+            })
+            .await
+        {
             let b = b.into_inner();
             if b.done + b.failed + b.cancelled == b.total && b.total > 0 {
                 assert_eq!((b.done, b.failed), (n as u32, 0), "batch {b:?}");
                 break;
             }
         }
-        assert!(t0.elapsed() < Duration::from_secs(240), "batch did not finish; logs in {}", farm.dir.display());
+        assert!(
+            t0.elapsed() < Duration::from_secs(240),
+            "batch did not finish; logs in {}",
+            farm.dir.display()
+        );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     let mut c = farm.client().await;
     let mut events = c
-        .watch_batch(WatchBatchRequest { batch_id: batch.into(), after_event_id: String::new() })
+        .watch_batch(WatchBatchRequest {
+            batch_id: batch.into(),
+            after_event_id: String::new(),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -292,7 +367,10 @@ async fn check_exactly_once(farm: &Farm, batch: &str, n: usize) {
     }
     assert!(done, "no BatchDone event");
     assert_eq!(images.len(), n, "distinct jobs with an image");
-    assert!(images.values().all(|&k| k == 1), "an image reported twice: {images:?}");
+    assert!(
+        images.values().all(|&k| k == 1),
+        "an image reported twice: {images:?}"
+    );
     assert_eq!(farm.pngs(batch), n, "PNG files in the result store");
 }
 
@@ -305,7 +383,11 @@ fn prompts(n: usize) -> Vec<SubmitBatchRequest> {
 async fn wait_images(farm: &Farm, batch: &str, at_least: usize) {
     let t0 = Instant::now();
     while farm.pngs(batch) < at_least {
-        assert!(t0.elapsed() < Duration::from_secs(120), "no progress; logs in {}", farm.dir.display());
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "no progress; logs in {}",
+            farm.dir.display()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -352,7 +434,11 @@ async fn redis_unreachable_is_unavailable_and_retry_works() {
     let mut c = farm.client().await;
     let err = submit(&mut c, prompts(3)).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
-    assert!(err.message().to_lowercase().contains("redis"), "message names Redis: {}", err.message());
+    assert!(
+        err.message().to_lowercase().contains("redis"),
+        "message names Redis: {}",
+        err.message()
+    );
     // The coordinator is still alive; once Redis is up the same submit goes through.
     farm.start_redis();
     farm.start_worker();
@@ -370,44 +456,146 @@ async fn malformed_requests_are_invalid_argument_naming_the_field() {
     farm.wait_workers(1).await;
     let mut c = farm.client().await;
     let with = |f: &dyn Fn(&mut BatchHeader, &mut PromptItem)| {
-        let mut h = BatchHeader { model: "tiny".into(), no_resolution_binning: true, ..Default::default() };
-        let mut p = PromptItem { prompt: "a cat".into(), ..Default::default() };
+        let mut h = BatchHeader {
+            model: "tiny".into(),
+            no_resolution_binning: true,
+            ..Default::default()
+        };
+        let mut p = PromptItem {
+            prompt: "a cat".into(),
+            ..Default::default()
+        };
         f(&mut h, &mut p);
         vec![
-            SubmitBatchRequest { item: Some(submit_batch_request::Item::Header(h)) },
-            SubmitBatchRequest { item: Some(submit_batch_request::Item::Prompt(p)) },
+            SubmitBatchRequest {
+                item: Some(submit_batch_request::Item::Header(h)),
+            },
+            SubmitBatchRequest {
+                item: Some(submit_batch_request::Item::Prompt(p)),
+            },
         ]
     };
     let cases: Vec<(&str, Vec<SubmitBatchRequest>, &str)> = vec![
         ("empty model", with(&|h, _| h.model.clear()), "model"),
-        ("unknown model", with(&|h, _| h.model = "flux".into()), "model"),
-        ("empty prompt", with(&|_, p| p.prompt = "   ".into()), "prompt"),
-        ("height not a multiple", with(&|_, p| p.params = Some(RenderParams { height: Some(50), ..Default::default() })), "height"),
-        ("zero width", with(&|_, p| p.params = Some(RenderParams { width: Some(0), ..Default::default() })), "width"),
-        ("huge height", with(&|_, p| p.params = Some(RenderParams { height: Some(1 << 20), ..Default::default() })), "height"),
-        ("zero steps", with(&|_, p| p.params = Some(RenderParams { steps: Some(0), ..Default::default() })), "steps"),
-        ("too many steps", with(&|_, p| p.params = Some(RenderParams { steps: Some(5000), ..Default::default() })), "steps"),
-        ("NaN guidance", with(&|_, p| p.params = Some(RenderParams { guidance: Some(f64::NAN), ..Default::default() })), "guidance"),
-        ("negative guidance", with(&|_, p| p.params = Some(RenderParams { guidance: Some(-1.0), ..Default::default() })), "guidance"),
-        ("bad default steps", with(&|h, _| h.defaults = Some(RenderParams { steps: Some(0), ..Default::default() })), "steps"),
+        (
+            "unknown model",
+            with(&|h, _| h.model = "flux".into()),
+            "model",
+        ),
+        (
+            "empty prompt",
+            with(&|_, p| p.prompt = "   ".into()),
+            "prompt",
+        ),
+        (
+            "height not a multiple",
+            with(&|_, p| {
+                p.params = Some(RenderParams {
+                    height: Some(50),
+                    ..Default::default()
+                })
+            }),
+            "height",
+        ),
+        (
+            "zero width",
+            with(&|_, p| {
+                p.params = Some(RenderParams {
+                    width: Some(0),
+                    ..Default::default()
+                })
+            }),
+            "width",
+        ),
+        (
+            "huge height",
+            with(&|_, p| {
+                p.params = Some(RenderParams {
+                    height: Some(1 << 20),
+                    ..Default::default()
+                })
+            }),
+            "height",
+        ),
+        (
+            "zero steps",
+            with(&|_, p| {
+                p.params = Some(RenderParams {
+                    steps: Some(0),
+                    ..Default::default()
+                })
+            }),
+            "steps",
+        ),
+        (
+            "too many steps",
+            with(&|_, p| {
+                p.params = Some(RenderParams {
+                    steps: Some(5000),
+                    ..Default::default()
+                })
+            }),
+            "steps",
+        ),
+        (
+            "NaN guidance",
+            with(&|_, p| {
+                p.params = Some(RenderParams {
+                    guidance: Some(f64::NAN),
+                    ..Default::default()
+                })
+            }),
+            "guidance",
+        ),
+        (
+            "negative guidance",
+            with(&|_, p| {
+                p.params = Some(RenderParams {
+                    guidance: Some(-1.0),
+                    ..Default::default()
+                })
+            }),
+            "guidance",
+        ),
+        (
+            "bad default steps",
+            with(&|h, _| {
+                h.defaults = Some(RenderParams {
+                    steps: Some(0),
+                    ..Default::default()
+                })
+            }),
+            "steps",
+        ),
         ("no header", vec![prompt("a cat")], "header"),
         ("no prompts", vec![header(3)], "prompt"),
     ];
     for (what, items, field) in cases {
         let err = submit(&mut c, items).await.expect_err(what);
         assert_eq!(err.code(), tonic::Code::InvalidArgument, "{what}: {err:?}");
-        assert!(err.message().contains(field), "{what}: message should name `{field}`: {}", err.message());
+        assert!(
+            err.message().contains(field),
+            "{what}: message should name `{field}`: {}",
+            err.message()
+        );
     }
 }
 
 #[test]
 fn worker_stops_cleanly_on_sigterm() {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     let mut farm = Farm::new("sigterm");
     farm.start_redis();
     farm.start_coordinator();
     farm.start_worker();
     rt.block_on(farm.wait_workers(1));
     let status = farm.workers[0].terminate(Duration::from_secs(30));
-    assert!(matches!(status, Some(s) if s.success()), "worker exit on SIGTERM: {status:?}");
+    assert!(
+        matches!(status, Some(s) if s.success()),
+        "worker exit on SIGTERM: {status:?}"
+    );
 }

@@ -35,22 +35,53 @@ fn stderr(o: &Output) -> String {
 
 fn rel_err(got: &Tensor, expected: &Tensor) -> f64 {
     let got = got.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
-    let exp = expected.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
+    let exp = expected
+        .to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap();
     assert_eq!(got.dims(), exp.dims());
-    let max = (&got - &exp).unwrap().abs().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap();
+    let max = (&got - &exp)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
     let mean = exp.mean_all().unwrap().to_scalar::<f64>().unwrap();
-    let var = exp.affine(1.0, -mean).unwrap().sqr().unwrap().mean_all().unwrap().to_scalar::<f64>().unwrap();
+    let var = exp
+        .affine(1.0, -mean)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .mean_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
     max / var.sqrt()
 }
 
 fn case(name: &str) -> serde_json::Value {
-    let cases: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixtures().join("expected/pipeline_cases.json")).unwrap()).unwrap();
-    cases["cases"].as_array().unwrap().iter().find(|c| c["name"] == name).unwrap().clone()
+    let cases: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("expected/pipeline_cases.json")).unwrap(),
+    )
+    .unwrap();
+    cases["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap()
+        .clone()
 }
 
 fn expected(name: &str) -> std::collections::HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixtures().join(format!("expected/pipeline_{name}.safetensors")), &Device::Cpu).unwrap()
+    candle_core::safetensors::load(
+        fixtures().join(format!("expected/pipeline_{name}.safetensors")),
+        &Device::Cpu,
+    )
+    .unwrap()
 }
 
 fn png_pixels(path: &Path) -> (u32, u32, Vec<u8>) {
@@ -62,8 +93,11 @@ fn png_text(path: &Path) -> Vec<(String, String)> {
     let dec = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
     let reader = dec.read_info().unwrap();
     let info = reader.info();
-    let mut v: Vec<(String, String)> =
-        info.uncompressed_latin1_text.iter().map(|t| (t.keyword.clone(), t.text.clone())).collect();
+    let mut v: Vec<(String, String)> = info
+        .uncompressed_latin1_text
+        .iter()
+        .map(|t| (t.keyword.clone(), t.text.clone()))
+        .collect();
     for t in &info.utf8_text {
         v.push((t.keyword.clone(), t.get_text().unwrap()));
     }
@@ -77,18 +111,43 @@ fn render_case(name: &str, model: &Path) {
     let exp = expected(name);
     let dir = tmpdir(name);
     let noise = dir.join("noise.safetensors");
-    candle_core::safetensors::save(&[("latents", exp["noise"].clone())].into_iter().collect(), &noise).unwrap();
+    candle_core::safetensors::save(
+        &[("latents", exp["noise"].clone())].into_iter().collect(),
+        &noise,
+    )
+    .unwrap();
     let out_png = dir.join("out.png");
     let out_lat = dir.join("latents.safetensors");
     let (h, w) = (c["height"].to_string(), c["width"].to_string());
-    let (steps, g) = (c["num_inference_steps"].to_string(), c["guidance_scale"].to_string());
+    let (steps, g) = (
+        c["num_inference_steps"].to_string(),
+        c["guidance_scale"].to_string(),
+    );
     let mut args = vec![
-        "render", "--model", model.to_str().unwrap(),
-        "--prompt", c["prompt"].as_str().unwrap(),
-        "--negative-prompt", c["negative_prompt"].as_str().unwrap(),
-        "--height", &h, "--width", &w, "--steps", &steps, "--guidance", &g, "--seed", "7",
-        "--latents", noise.to_str().unwrap(), "--save-latents", out_lat.to_str().unwrap(),
-        "--output", out_png.to_str().unwrap(), "--quiet",
+        "render",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        c["prompt"].as_str().unwrap(),
+        "--negative-prompt",
+        c["negative_prompt"].as_str().unwrap(),
+        "--height",
+        &h,
+        "--width",
+        &w,
+        "--steps",
+        &steps,
+        "--guidance",
+        &g,
+        "--seed",
+        "7",
+        "--latents",
+        noise.to_str().unwrap(),
+        "--save-latents",
+        out_lat.to_str().unwrap(),
+        "--output",
+        out_png.to_str().unwrap(),
+        "--quiet",
     ];
     if !c["use_resolution_binning"].as_bool().unwrap() {
         args.push("--no-resolution-binning");
@@ -101,19 +160,47 @@ fn render_case(name: &str, model: &Path) {
     assert!(e <= 1e-4, "{name}: final latents {e}");
     // The PNG equals diffusers' image rounded to 8 bits (±1 level where a value sits on a rounding edge).
     let (pw, ph, pixels) = png_pixels(&out_png);
-    assert_eq!((ph as u64, pw as u64), (c["height"].as_u64().unwrap(), c["width"].as_u64().unwrap()));
-    let img = exp["image"].squeeze(0).unwrap().permute((1, 2, 0)).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let worst = pixels.iter().zip(&img).map(|(&p, &x)| (p as i32 - (x * 255.0).round() as i32).abs()).max().unwrap();
-    assert!(worst <= 1, "{name}: PNG differs from diffusers' image by {worst} levels");
+    assert_eq!(
+        (ph as u64, pw as u64),
+        (c["height"].as_u64().unwrap(), c["width"].as_u64().unwrap())
+    );
+    let img = exp["image"]
+        .squeeze(0)
+        .unwrap()
+        .permute((1, 2, 0))
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let worst = pixels
+        .iter()
+        .zip(&img)
+        .map(|(&p, &x)| (p as i32 - (x * 255.0).round() as i32).abs())
+        .max()
+        .unwrap();
+    assert!(
+        worst <= 1,
+        "{name}: PNG differs from diffusers' image by {worst} levels"
+    );
     let text = png_text(&out_png);
-    let get = |k: &str| text.iter().find(|(kk, _)| kk == k).map(|(_, v)| v.clone()).unwrap_or_default();
+    let get = |k: &str| {
+        text.iter()
+            .find(|(kk, _)| kk == k)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    };
     assert_eq!(get("prompt"), c["prompt"].as_str().unwrap());
     assert_eq!(get("steps"), steps);
     assert_eq!(get("scheduler"), "DPMSolverMultistepScheduler");
     assert_eq!(get("dtype"), "f32");
     assert_eq!(get("size"), format!("{w}x{h}"));
     if name == "long_prompt" {
-        assert!(stderr(&o).contains("13 tokens dropped"), "truncation warning: {}", stderr(&o));
+        assert!(
+            stderr(&o).contains("13 tokens dropped"),
+            "truncation warning: {}",
+            stderr(&o)
+        );
     }
 }
 
@@ -153,7 +240,9 @@ fn original_upload_layout_loads() {
     let model = dir.join("model");
     copy_dir(&tiny_model(), &model);
     let mi = model.join("model_index.json");
-    let text = std::fs::read_to_string(&mi).unwrap().replace("PixArtTransformer2DModel", "Transformer2DModel");
+    let text = std::fs::read_to_string(&mi)
+        .unwrap()
+        .replace("PixArtTransformer2DModel", "Transformer2DModel");
     std::fs::write(&mi, text).unwrap();
     let cfg_path = model.join("transformer/config.json");
     let mut cfg: serde_json::Map<String, serde_json::Value> =
@@ -175,13 +264,29 @@ fn prompt_set_is_resumable_with_contact_sheet() {
     .unwrap();
     let out = dir.join("out");
     let args = [
-        "render", "--prompts", prompts.to_str().unwrap(), "--out-dir", out.to_str().unwrap(),
-        "--steps", "3", "--height", "32", "--width", "32", "--no-resolution-binning", "--seed", "100", "--quiet",
+        "render",
+        "--prompts",
+        prompts.to_str().unwrap(),
+        "--out-dir",
+        out.to_str().unwrap(),
+        "--steps",
+        "3",
+        "--height",
+        "32",
+        "--width",
+        "32",
+        "--no-resolution-binning",
+        "--seed",
+        "100",
+        "--quiet",
     ];
     let o = relayfarm(&args);
     assert!(o.status.success(), "{}", stderr(&o));
     let stdout = String::from_utf8_lossy(&o.stdout);
-    assert!(stdout.contains("3 rendered, 0 already there, 0 failed"), "{stdout}");
+    assert!(
+        stdout.contains("3 rendered, 0 already there, 0 failed"),
+        "{stdout}"
+    );
     let first = out.join("00000-a-red-cabin.png");
     let lake = out.join("lake.png");
     let third = out.join("00002-an-old-tree.png");
@@ -192,19 +297,33 @@ fn prompt_set_is_resumable_with_contact_sheet() {
     let (w, h, _) = png_pixels(&lake);
     assert_eq!((w, h), (64, 32));
     let text = png_text(&lake);
-    let get = |k: &str| text.iter().find(|(kk, _)| kk == k).map(|(_, v)| v.clone()).unwrap_or_default();
+    let get = |k: &str| {
+        text.iter()
+            .find(|(kk, _)| kk == k)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    };
     assert_eq!(get("seed"), "3");
     assert_eq!(get("steps"), "2");
     let t2 = png_text(&third);
-    assert!(t2.iter().any(|(k, v)| k == "seed" && v == "102"), "image 2 uses seed + 2");
+    assert!(
+        t2.iter().any(|(k, v)| k == "seed" && v == "102"),
+        "image 2 uses seed + 2"
+    );
     // Re-running skips what is there and renders only what is missing.
     let before = std::fs::metadata(&first).unwrap().modified().unwrap();
     std::fs::remove_file(&third).unwrap();
     let o = relayfarm(&args);
     assert!(o.status.success(), "{}", stderr(&o));
     let stdout = String::from_utf8_lossy(&o.stdout);
-    assert!(stdout.contains("1 rendered, 2 already there, 0 failed"), "{stdout}");
-    assert_eq!(std::fs::metadata(&first).unwrap().modified().unwrap(), before);
+    assert!(
+        stdout.contains("1 rendered, 2 already there, 0 failed"),
+        "{stdout}"
+    );
+    assert_eq!(
+        std::fs::metadata(&first).unwrap().modified().unwrap(),
+        before
+    );
     assert!(third.is_file());
 }
 
@@ -223,23 +342,75 @@ fn bad_input_gets_clear_errors() {
     let model = tiny_model();
     let m = model.to_str().unwrap();
     let dir = tmpdir("bad");
-    expect_error(&["render", "--model", m, "--prompt", "x", "--height", "50", "--no-resolution-binning"], &["height", "multiple of 16"]);
-    expect_error(&["render", "--model", m, "--prompt", "x", "--steps", "0"], &["steps", "at least 1"]);
-    expect_error(&["render", "--model", "/nonexistent/model", "--prompt", "x"], &["/nonexistent/model", "model_index.json"]);
-    expect_error(&["render", "--model", m, "--prompt", "  "], &["prompt", "empty"]);
+    expect_error(
+        &[
+            "render",
+            "--model",
+            m,
+            "--prompt",
+            "x",
+            "--height",
+            "50",
+            "--no-resolution-binning",
+        ],
+        &["height", "multiple of 16"],
+    );
+    expect_error(
+        &["render", "--model", m, "--prompt", "x", "--steps", "0"],
+        &["steps", "at least 1"],
+    );
+    expect_error(
+        &["render", "--model", "/nonexistent/model", "--prompt", "x"],
+        &["/nonexistent/model", "model_index.json"],
+    );
+    expect_error(
+        &["render", "--model", m, "--prompt", "  "],
+        &["prompt", "empty"],
+    );
+    expect_error(
+        &["render", "--model", m, "--prompt", "x", "--dtype", "bf16"],
+        &["bf16", "--dtype f32 or f16"],
+    );
     // Empty prompt list.
     let empty = dir.join("empty.txt");
     std::fs::write(&empty, "\n# nothing\n").unwrap();
-    expect_error(&["render", "--model", m, "--prompts", empty.to_str().unwrap()], &["prompt set is empty"]);
+    expect_error(
+        &["render", "--model", m, "--prompts", empty.to_str().unwrap()],
+        &["prompt set is empty"],
+    );
     // Unreadable and wrong-shape --latents.
     let junk = dir.join("junk.safetensors");
     std::fs::write(&junk, b"not a safetensors file").unwrap();
-    expect_error(&["render", "--model", m, "--prompt", "x", "--latents", junk.to_str().unwrap()], &["--latents", "junk.safetensors"]);
+    expect_error(
+        &[
+            "render",
+            "--model",
+            m,
+            "--prompt",
+            "x",
+            "--latents",
+            junk.to_str().unwrap(),
+        ],
+        &["--latents", "junk.safetensors"],
+    );
     let wrong = dir.join("wrong.safetensors");
     let t = Tensor::zeros((1, 4, 5, 5), DType::F32, &Device::Cpu).unwrap();
     candle_core::safetensors::save(&[("latents", t)].into_iter().collect(), &wrong).unwrap();
     expect_error(
-        &["render", "--model", m, "--prompt", "x", "--height", "48", "--width", "80", "--no-resolution-binning", "--latents", wrong.to_str().unwrap()],
+        &[
+            "render",
+            "--model",
+            m,
+            "--prompt",
+            "x",
+            "--height",
+            "48",
+            "--width",
+            "80",
+            "--no-resolution-binning",
+            "--latents",
+            wrong.to_str().unwrap(),
+        ],
         &["latents", "[1, 4, 6, 10]"],
     );
     // Corrupt checkpoint file, missing component file, unknown pipeline and scheduler classes.
@@ -249,22 +420,41 @@ fn bad_input_gets_clear_errors() {
     let weights = broken.join("transformer/diffusion_pytorch_model.safetensors");
     let bytes = std::fs::read(&weights).unwrap();
     std::fs::write(&weights, &bytes[..bytes.len() / 2]).unwrap();
-    expect_error(&["render", "--model", &b, "--prompt", "x"], &["diffusion_pytorch_model.safetensors", "download it again"]);
+    expect_error(
+        &["render", "--model", &b, "--prompt", "x"],
+        &["diffusion_pytorch_model.safetensors", "download it again"],
+    );
     std::fs::write(&weights, &bytes).unwrap();
     std::fs::remove_file(broken.join("tokenizer/spiece.model")).unwrap();
-    expect_error(&["render", "--model", &b, "--prompt", "x"], &["spiece.model"]);
+    expect_error(
+        &["render", "--model", &b, "--prompt", "x"],
+        &["spiece.model"],
+    );
     copy_dir(&model.join("tokenizer"), &broken.join("tokenizer"));
     let mi = broken.join("model_index.json");
     let orig = std::fs::read_to_string(&mi).unwrap();
     std::fs::write(&mi, orig.replace("PixArtSigmaPipeline", "FluxPipeline")).unwrap();
-    expect_error(&["render", "--model", &b, "--prompt", "x"], &["FluxPipeline", "PixArtSigmaPipeline"]);
+    expect_error(
+        &["render", "--model", &b, "--prompt", "x"],
+        &["FluxPipeline", "PixArtSigmaPipeline"],
+    );
     std::fs::write(&mi, &orig).unwrap();
     let sc = broken.join("scheduler/scheduler_config.json");
     let sorig = std::fs::read_to_string(&sc).unwrap();
-    std::fs::write(&sc, sorig.replace("DPMSolverMultistepScheduler", "LCMScheduler")).unwrap();
-    expect_error(&["render", "--model", &b, "--prompt", "x"], &["LCMScheduler", "DPMSolverMultistepScheduler"]);
+    std::fs::write(
+        &sc,
+        sorig.replace("DPMSolverMultistepScheduler", "LCMScheduler"),
+    )
+    .unwrap();
+    expect_error(
+        &["render", "--model", &b, "--prompt", "x"],
+        &["LCMScheduler", "DPMSolverMultistepScheduler"],
+    );
     std::fs::write(&sc, sorig.replace("\"dpmsolver++\"", "\"sde-dpmsolver++\"")).unwrap();
-    expect_error(&["render", "--model", &b, "--prompt", "x"], &["algorithm_type", "sde-dpmsolver++"]);
+    expect_error(
+        &["render", "--model", &b, "--prompt", "x"],
+        &["algorithm_type", "sde-dpmsolver++"],
+    );
 }
 
 /// Renders the non-square fixture case with diffusers' noise and `extra` arguments; returns
@@ -272,18 +462,39 @@ fn bad_input_gets_clear_errors() {
 fn render_latents(name: &str, dir: &Path, extra: &[&str]) -> Tensor {
     let c = case("nonsquare");
     let noise = dir.join("noise.safetensors");
-    candle_core::safetensors::save(&[("latents", expected("nonsquare")["noise"].clone())].into_iter().collect(), &noise)
-        .unwrap();
+    candle_core::safetensors::save(
+        &[("latents", expected("nonsquare")["noise"].clone())]
+            .into_iter()
+            .collect(),
+        &noise,
+    )
+    .unwrap();
     let lat = dir.join(format!("{name}.safetensors"));
     let png = dir.join(format!("{name}.png"));
     let (h, w) = (c["height"].to_string(), c["width"].to_string());
     let model = tiny_model();
     let mut args = vec![
-        "render", "--model", model.to_str().unwrap(),
-        "--prompt", c["prompt"].as_str().unwrap(),
-        "--height", &h, "--width", &w, "--steps", "20", "--guidance", "4.5", "--no-resolution-binning",
-        "--latents", noise.to_str().unwrap(), "--save-latents", lat.to_str().unwrap(),
-        "--output", png.to_str().unwrap(), "--quiet",
+        "render",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        c["prompt"].as_str().unwrap(),
+        "--height",
+        &h,
+        "--width",
+        &w,
+        "--steps",
+        "20",
+        "--guidance",
+        "4.5",
+        "--no-resolution-binning",
+        "--latents",
+        noise.to_str().unwrap(),
+        "--save-latents",
+        lat.to_str().unwrap(),
+        "--output",
+        png.to_str().unwrap(),
+        "--quiet",
     ];
     args.extend_from_slice(extra);
     let o = relayfarm(&args);
@@ -305,7 +516,15 @@ fn render_tensor_parallel_matches_the_plain_run() {
     assert!(e_ref <= 1e-4, "--tp 2 vs diffusers: {e_ref}");
     let m = tiny_model();
     expect_error(
-        &["render", "--model", m.to_str().unwrap(), "--prompt", "x", "--tp", "3"],
+        &[
+            "render",
+            "--model",
+            m.to_str().unwrap(),
+            "--prompt",
+            "x",
+            "--tp",
+            "3",
+        ],
         &["num_attention_heads", "divide by 3"],
     );
 }

@@ -9,5 +9,6 @@ pub mod v1 {
     tonic::include_proto!("relayfarm.v1");
 
     /// Encoded file descriptor set, for gRPC reflection.
-    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("relayfarm_descriptor");
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("relayfarm_descriptor");
 }

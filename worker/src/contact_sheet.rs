@@ -7,7 +7,9 @@ use std::path::Path;
 /// `columns` columns (default: about square). Unreadable images leave a grey cell.
 pub fn contact_sheet(images: &[&Path], cell: u32, columns: Option<u32>) -> RgbImage {
     let n = images.len().max(1) as u32;
-    let cols = columns.unwrap_or_else(|| (n as f64).sqrt().ceil() as u32).clamp(1, n);
+    let cols = columns
+        .unwrap_or_else(|| (n as f64).sqrt().ceil() as u32)
+        .clamp(1, n);
     let rows = n.div_ceil(cols);
     let pad = 4;
     let mut sheet = RgbImage::from_pixel(
@@ -39,7 +41,9 @@ mod tests {
         let d = std::env::temp_dir().join(format!("relayfarm-sheet-{}", std::process::id()));
         std::fs::create_dir_all(&d).unwrap();
         let p = d.join("a.png");
-        RgbImage::from_pixel(20, 10, image::Rgb([255, 0, 0])).save(&p).unwrap();
+        RgbImage::from_pixel(20, 10, image::Rgb([255, 0, 0]))
+            .save(&p)
+            .unwrap();
         let paths = [p.as_path(), p.as_path(), p.as_path()];
         let sheet = contact_sheet(&paths, 32, None);
         // 3 images → 2 columns × 2 rows of 32 px cells with 4 px gaps.

@@ -27,7 +27,11 @@ pub struct Rgb8 {
 /// Converts an f32 image in [0, 1] (`[1, 3, H, W]` or `[3, H, W]`) to 8-bit RGB, rounding as
 /// diffusers' `numpy_to_pil` does (`(x * 255).round()`).
 pub fn tensor_to_rgb8(image: &candle_core::Tensor) -> Result<Rgb8, PngError> {
-    let image = if image.rank() == 4 { image.squeeze(0)? } else { image.clone() };
+    let image = if image.rank() == 4 {
+        image.squeeze(0)?
+    } else {
+        image.clone()
+    };
     let (c, h, w) = image.dims3()?;
     if c != 3 {
         return Err(PngError::Tensor(candle_core::Error::Msg(format!(
@@ -119,7 +123,10 @@ mod tests {
         let get = |k: &str| text.iter().find(|(kk, _)| kk == k).map(|(_, v)| v.clone());
         assert_eq!(get("prompt").as_deref(), Some("一只猫 in the snow"));
         assert_eq!(get("seed").as_deref(), Some("42"));
-        assert_eq!(get("scheduler").as_deref(), Some("DPMSolverMultistepScheduler"));
+        assert_eq!(
+            get("scheduler").as_deref(),
+            Some("DPMSolverMultistepScheduler")
+        );
         assert_eq!(get("size").as_deref(), Some("2x1"));
     }
 }

@@ -70,7 +70,11 @@ pub struct PipelineRunner {
 
 impl PipelineRunner {
     /// Loads the pipeline in `model_dir`; `model_name` is what metadata records.
-    pub fn load(model_dir: &Path, model_name: &str, opts: &PipelineOptions) -> Result<Self, RunnerError> {
+    pub fn load(
+        model_dir: &Path,
+        model_name: &str,
+        opts: &PipelineOptions,
+    ) -> Result<Self, RunnerError> {
         let _span = tracing::info_span!("load_model", model = model_name).entered();
         let folder = PipelineFolder::open(model_dir)?;
         let pipeline = match folder.pipeline_class() {
@@ -106,7 +110,9 @@ impl PipelineRunner {
                 .steps
                 .map(|s| s as usize)
                 .unwrap_or(PixArtSigmaPipeline::DEFAULT_STEPS),
-            guidance: job.guidance.unwrap_or(PixArtSigmaPipeline::DEFAULT_GUIDANCE),
+            guidance: job
+                .guidance
+                .unwrap_or(PixArtSigmaPipeline::DEFAULT_GUIDANCE),
             seed: job.seed,
             latents: job.latents.clone(),
             resolution_binning: job.resolution_binning,
@@ -122,7 +128,11 @@ impl PipelineRunner {
     }
 
     /// Renders one job to a PNG with metadata.
-    pub fn run(&self, job: &RenderJob, observer: &mut dyn StepObserver) -> Result<JobOutput, RunnerError> {
+    pub fn run(
+        &self,
+        job: &RenderJob,
+        observer: &mut dyn StepObserver,
+    ) -> Result<JobOutput, RunnerError> {
         self.validate(job)?;
         let req = self.request(job);
         let generated = self.pipeline.generate(&req, observer)?;

@@ -41,11 +41,17 @@ impl GenerationMetadata {
             ("guidance".to_string(), self.guidance.to_string()),
             ("width".to_string(), self.width.to_string()),
             ("height".to_string(), self.height.to_string()),
-            ("size".to_string(), format!("{}x{}", self.width, self.height)),
+            (
+                "size".to_string(),
+                format!("{}x{}", self.width, self.height),
+            ),
             ("model".to_string(), self.model.clone()),
             ("scheduler".to_string(), self.scheduler.clone()),
             ("dtype".to_string(), self.dtype.clone()),
-            ("software".to_string(), format!("relayfarm {}", self.version)),
+            (
+                "software".to_string(),
+                format!("relayfarm {}", self.version),
+            ),
             ("version".to_string(), self.version.clone()),
         ];
         if let Ok(json) = serde_json::to_string(self) {

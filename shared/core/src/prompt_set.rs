@@ -87,10 +87,11 @@ pub fn parse_prompt_set(text: &str) -> Result<Vec<PromptLine>, PromptSetError> {
             continue;
         }
         if trimmed.starts_with('{') {
-            let j: JsonLine = serde_json::from_str(trimmed).map_err(|e| PromptSetError::BadJson {
-                line,
-                reason: e.to_string(),
-            })?;
+            let j: JsonLine =
+                serde_json::from_str(trimmed).map_err(|e| PromptSetError::BadJson {
+                    line,
+                    reason: e.to_string(),
+                })?;
             if j.prompt.trim().is_empty() {
                 return Err(PromptSetError::EmptyPrompt { line });
             }

@@ -5,7 +5,9 @@
 
 use candle_core::{DType, Device, Tensor};
 use relayfarm_models::checkpoint::PipelineFolder;
-use relayfarm_models::pipeline::{GenerateRequest, PipelineOptions, PixArtSigmaPipeline, StepEvent};
+use relayfarm_models::pipeline::{
+    GenerateRequest, PipelineOptions, PixArtSigmaPipeline, StepEvent,
+};
 use relayfarm_models::RunDtype;
 use std::ops::ControlFlow;
 use std::path::PathBuf;
@@ -17,11 +19,30 @@ fn fixtures() -> PathBuf {
 /// max |a − b| / std(expected).
 fn rel_err(got: &Tensor, expected: &Tensor) -> f64 {
     let got = got.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
-    let exp = expected.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
+    let exp = expected
+        .to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap();
     assert_eq!(got.dims(), exp.dims(), "shape");
-    let max = (&got - &exp).unwrap().abs().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap();
+    let max = (&got - &exp)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
     let mean = exp.mean_all().unwrap().to_scalar::<f64>().unwrap();
-    let var = exp.affine(1.0, -mean).unwrap().sqr().unwrap().mean_all().unwrap().to_scalar::<f64>().unwrap();
+    let var = exp
+        .affine(1.0, -mean)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .mean_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
     max / var.sqrt()
 }
 
@@ -61,9 +82,17 @@ fn run_case(p: &PixArtSigmaPipeline, name: &str) {
     assert_eq!(plan.gen_height as u64, case["gen_height"].as_u64().unwrap());
     assert_eq!(plan.gen_width as u64, case["gen_width"].as_u64().unwrap());
 
-    let embeds = p.encode_prompt(&req.prompt, &req.negative_prompt, req.guidance).unwrap();
-    let e_cond = rel_err(&embeds.embeds.narrow(0, 1, 1).unwrap(), &exp["prompt_embeds"]);
-    let e_uncond = rel_err(&embeds.embeds.narrow(0, 0, 1).unwrap(), &exp["negative_prompt_embeds"]);
+    let embeds = p
+        .encode_prompt(&req.prompt, &req.negative_prompt, req.guidance)
+        .unwrap();
+    let e_cond = rel_err(
+        &embeds.embeds.narrow(0, 1, 1).unwrap(),
+        &exp["prompt_embeds"],
+    );
+    let e_uncond = rel_err(
+        &embeds.embeds.narrow(0, 0, 1).unwrap(),
+        &exp["negative_prompt_embeds"],
+    );
     let mut steps_seen = 0;
     let mut obs = |e: StepEvent| {
         steps_seen = e.step;
@@ -74,7 +103,10 @@ fn run_case(p: &PixArtSigmaPipeline, name: &str) {
     let e_lat = rel_err(&out.latents, &exp["final_latents"]);
     let e_img = rel_err(&out.image, &exp["image"]);
     println!("{name}: prompt_embeds {e_cond:.2e}, negative {e_uncond:.2e}, final latents {e_lat:.2e}, image {e_img:.2e} (max abs / std)");
-    assert!(e_cond <= 1e-4 && e_uncond <= 1e-4, "embeddings: {e_cond} {e_uncond}");
+    assert!(
+        e_cond <= 1e-4 && e_uncond <= 1e-4,
+        "embeddings: {e_cond} {e_uncond}"
+    );
     assert!(e_lat <= 1e-4, "final latents: {e_lat}");
     assert!(e_img <= 1e-4, "image: {e_img}");
 }
@@ -101,7 +133,13 @@ fn cancellation_stops_at_a_step_boundary() {
         latents: None,
         resolution_binning: false,
     };
-    let mut obs = |e: StepEvent| if e.step == 2 { ControlFlow::Break(()) } else { ControlFlow::Continue(()) };
+    let mut obs = |e: StepEvent| {
+        if e.step == 2 {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    };
     let err = p.generate(&req, &mut obs).unwrap_err();
     assert!(err.to_string().contains("cancelled at step 2"), "{err}");
 }
@@ -121,14 +159,26 @@ fn bad_requests_are_named() {
         resolution_binning: false,
     };
     let err = |r: GenerateRequest| p.validate(&r).unwrap_err().to_string();
-    let e = err(GenerateRequest { height: Some(50), ..base.clone() });
+    let e = err(GenerateRequest {
+        height: Some(50),
+        ..base.clone()
+    });
     assert!(e.contains("height") && e.contains("multiple of 16"), "{e}");
-    let e = err(GenerateRequest { steps: 0, ..base.clone() });
+    let e = err(GenerateRequest {
+        steps: 0,
+        ..base.clone()
+    });
     assert!(e.contains("steps"), "{e}");
-    let e = err(GenerateRequest { guidance: f64::NAN, ..base.clone() });
+    let e = err(GenerateRequest {
+        guidance: f64::NAN,
+        ..base.clone()
+    });
     assert!(e.contains("guidance"), "{e}");
     let wrong = Tensor::zeros((1, 4, 5, 5), DType::F32, &Device::Cpu).unwrap();
-    let e = err(GenerateRequest { latents: Some(wrong), ..base.clone() });
+    let e = err(GenerateRequest {
+        latents: Some(wrong),
+        ..base.clone()
+    });
     assert!(e.contains("latents") && e.contains("[1, 4, 6, 10]"), "{e}");
     // Seeded noise is reproducible.
     let a = p.initial_noise(&base, &p.validate(&base).unwrap()).unwrap();

@@ -122,7 +122,10 @@ mod tests {
     fn python_non_finite_literals() {
         let t = r#"{"a": -Infinity, "b": "NaN in a string", "c": NaN, "d": Infinity}"#;
         let q = quote_non_finite_literals(t);
-        assert_eq!(q, r#"{"a": "-Infinity", "b": "NaN in a string", "c": "NaN", "d": "Infinity"}"#);
+        assert_eq!(
+            q,
+            r#"{"a": "-Infinity", "b": "NaN in a string", "c": "NaN", "d": "Infinity"}"#
+        );
         #[derive(serde::Deserialize)]
         struct S {
             #[serde(deserialize_with = "lenient_f64")]

@@ -40,7 +40,10 @@ impl ModelIndex {
             let Some(pair) = value.as_array() else {
                 continue;
             };
-            match (pair.first().and_then(|v| v.as_str()), pair.get(1).and_then(|v| v.as_str())) {
+            match (
+                pair.first().and_then(|v| v.as_str()),
+                pair.get(1).and_then(|v| v.as_str()),
+            ) {
                 (Some(library), Some(class)) => {
                     components.insert(
                         name.clone(),
@@ -118,10 +121,12 @@ impl PipelineFolder {
     /// Opens the named component, checking that `model_index.json` lists it with one of
     /// `accepted` classes (pass an empty slice to accept any).
     pub fn component(&self, name: &str, accepted: &[&str]) -> Result<ComponentFolder> {
-        let entry = self.index.components.get(name).ok_or_else(|| ModelError::corrupt(
-            self.root.join("model_index.json"),
-            format!("the pipeline lists no `{name}` component"),
-        ))?;
+        let entry = self.index.components.get(name).ok_or_else(|| {
+            ModelError::corrupt(
+                self.root.join("model_index.json"),
+                format!("the pipeline lists no `{name}` component"),
+            )
+        })?;
         if !accepted.is_empty() && !accepted.contains(&entry.class.as_str()) {
             return Err(ModelError::UnknownClass {
                 what: name.to_string(),
@@ -129,7 +134,9 @@ impl PipelineFolder {
                 supported: accepted.join(", "),
             });
         }
-        Ok(ComponentFolder::open(self.root.join(name), name, entry.class.clone())?
-            .with_variant(self.variant.clone()))
+        Ok(
+            ComponentFolder::open(self.root.join(name), name, entry.class.clone())?
+                .with_variant(self.variant.clone()),
+        )
     }
 }

@@ -104,7 +104,9 @@ pub fn resolve_weight_files(dir: &Path, variant: Option<&str>) -> Result<WeightF
         }
     }
 
-    let has_bin = names.iter().any(|n| n.ends_with(".bin") || n.ends_with(".pt"));
+    let has_bin = names
+        .iter()
+        .any(|n| n.ends_with(".bin") || n.ends_with(".pt"));
     let hint = if has_bin {
         "only PyTorch pickle weights (.bin/.pt) are present; relayfarm reads safetensors only: download the safetensors files of the repository (or convert with `safetensors`' convert script)".to_string()
     } else if let Some(v) = variant {
@@ -163,7 +165,10 @@ fn sharded(dir: &Path, index_path: &Path) -> Result<WeightFiles> {
         files.push(path);
     }
     if files.is_empty() {
-        return Err(ModelError::corrupt(index_path, "the shard index lists no files"));
+        return Err(ModelError::corrupt(
+            index_path,
+            "the shard index lists no files",
+        ));
     }
     Ok(WeightFiles {
         files,
@@ -182,7 +187,8 @@ mod tests {
     }
 
     fn tmp(name: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("relayfarm-weights-{name}-{}", std::process::id()));
+        let d =
+            std::env::temp_dir().join(format!("relayfarm-weights-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).unwrap();
         d
@@ -190,9 +196,18 @@ mod tests {
 
     #[test]
     fn variant_names() {
-        assert_eq!(variant_of("model.fp16-00001-of-00003.safetensors").as_deref(), Some("fp16"));
-        assert_eq!(variant_of("diffusion_pytorch_model.fp16.safetensors").as_deref(), Some("fp16"));
-        assert_eq!(variant_of("model.safetensors.index.fp16.json").as_deref(), Some("fp16"));
+        assert_eq!(
+            variant_of("model.fp16-00001-of-00003.safetensors").as_deref(),
+            Some("fp16")
+        );
+        assert_eq!(
+            variant_of("diffusion_pytorch_model.fp16.safetensors").as_deref(),
+            Some("fp16")
+        );
+        assert_eq!(
+            variant_of("model.safetensors.index.fp16.json").as_deref(),
+            Some("fp16")
+        );
         assert_eq!(variant_of("model-00001-of-00002.safetensors"), None);
         assert_eq!(variant_of("model.safetensors"), None);
     }
@@ -200,17 +215,32 @@ mod tests {
     #[test]
     fn prefers_plain_single_file() {
         let d = tmp("plain");
-        touch(&d, &["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors"]);
+        touch(
+            &d,
+            &[
+                "diffusion_pytorch_model.safetensors",
+                "diffusion_pytorch_model.fp16.safetensors",
+            ],
+        );
         let w = resolve_weight_files(&d, None).unwrap();
         assert_eq!(w.files, vec![d.join("diffusion_pytorch_model.safetensors")]);
         let w = resolve_weight_files(&d, Some("fp16")).unwrap();
-        assert_eq!(w.files, vec![d.join("diffusion_pytorch_model.fp16.safetensors")]);
+        assert_eq!(
+            w.files,
+            vec![d.join("diffusion_pytorch_model.fp16.safetensors")]
+        );
     }
 
     #[test]
     fn sharded_variant_only() {
         let d = tmp("kolors");
-        touch(&d, &["model.fp16-00001-of-00002.safetensors", "model.fp16-00002-of-00002.safetensors"]);
+        touch(
+            &d,
+            &[
+                "model.fp16-00001-of-00002.safetensors",
+                "model.fp16-00002-of-00002.safetensors",
+            ],
+        );
         std::fs::write(
             d.join("model.safetensors.index.fp16.json"),
             r#"{"metadata":{},"weight_map":{"a":"model.fp16-00001-of-00002.safetensors","b":"model.fp16-00002-of-00002.safetensors"}}"#,

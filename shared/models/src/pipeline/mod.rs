@@ -13,7 +13,6 @@ pub use pixart_sigma::{PipelineOptions, PixArtSigmaPipeline};
 use candle_core::Tensor;
 use std::ops::ControlFlow;
 
-
 /// One image request, with the model's defaults already applied by the caller or left `None`
 /// for the pipeline's own defaults.
 #[derive(Debug, Clone)]

@@ -6,7 +6,9 @@ use crate::{ModelError, Result};
 use candle_core::{Device, Tensor};
 
 /// The bin table diffusers' PixArt-Σ pipeline uses for a transformer `sample_size`.
-pub fn bin_table_for_sample_size(sample_size: usize) -> Result<&'static [(&'static str, u32, u32)]> {
+pub fn bin_table_for_sample_size(
+    sample_size: usize,
+) -> Result<&'static [(&'static str, u32, u32)]> {
     match sample_size {
         256 => Ok(BIN_2048),
         128 => Ok(BIN_1024),
@@ -23,7 +25,11 @@ pub fn bin_table_for_sample_size(sample_size: usize) -> Result<&'static [(&'stat
 
 /// `classify_height_width_bin`: the (height, width) of the bin whose ratio key is closest to
 /// `height / width` (first one on ties, as Python's `min` over the dict).
-pub fn classify_height_width_bin(height: u32, width: u32, table: &[(&str, u32, u32)]) -> (u32, u32) {
+pub fn classify_height_width_bin(
+    height: u32,
+    width: u32,
+    table: &[(&str, u32, u32)],
+) -> (u32, u32) {
     let ar = height as f64 / width as f64;
     let mut best = (f64::INFINITY, table[0].1, table[0].2);
     for &(key, h, w) in table {
@@ -64,9 +70,11 @@ pub fn resize_and_crop(samples: &Tensor, new_height: usize, new_width: usize) ->
             out.extend_from_slice(&resized[row..row + new_width]);
         }
     }
-    Ok(Tensor::from_vec(out, (b, c, new_height, new_width), &Device::Cpu)?
-        .to_dtype(dtype)?
-        .to_device(&device)?)
+    Ok(
+        Tensor::from_vec(out, (b, c, new_height, new_width), &Device::Cpu)?
+            .to_dtype(dtype)?
+            .to_device(&device)?,
+    )
 }
 
 /// Source index and weight for one output coordinate (PyTorch's `area_pixel_compute_source_index`).
@@ -104,7 +112,10 @@ mod tests {
     fn bins_match_diffusers_examples() {
         // 200×300 with the 256 table → 208×304 (diffusers, checked in the fixture generator).
         assert_eq!(classify_height_width_bin(200, 300, BIN_256), (208, 304));
-        assert_eq!(classify_height_width_bin(1024, 1024, BIN_1024), (1024, 1024));
+        assert_eq!(
+            classify_height_width_bin(1024, 1024, BIN_1024),
+            (1024, 1024)
+        );
         assert_eq!(BIN_2048.len(), 40);
         assert_eq!(BIN_1024.len(), 33);
     }
