@@ -63,20 +63,8 @@ pub fn from_config(config: serde_json::Value) -> Result<Box<dyn Scheduler>> {
 
 /// Reads `scheduler_config.json` from a component folder and builds the scheduler it names.
 pub fn from_folder(component: &ComponentFolder) -> Result<Box<dyn Scheduler>> {
-    let path = component.dir().join("scheduler_config.json");
-    let text = std::fs::read_to_string(&path).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::NotFound {
-            ModelError::MissingFile {
-                path: path.clone(),
-                hint: "the scheduler folder is incomplete; download the whole repository".into(),
-            }
-        } else {
-            ModelError::corrupt(&path, e)
-        }
-    })?;
-    let value = parse_python_json(&text)
-        .map_err(|e| ModelError::corrupt(&path, format!("invalid JSON: {e}")))?;
-    from_config(value)
+    // `json_file` accepts Python's bare `Infinity`/`NaN` (see `checkpoint::read_json`).
+    from_config(component.json_file::<serde_json::Value>("scheduler_config.json")?)
 }
 
 /// Parses JSON written by Python's `json` module, which writes the bare tokens `Infinity`,
@@ -84,43 +72,7 @@ pub fn from_folder(component: &ComponentFolder) -> Result<Box<dyn Scheduler>> {
 /// these tokens become the strings `"Infinity"`, `"-Infinity"` and `"NaN"`, which the
 /// scheduler configs' number fields accept.
 pub fn parse_python_json(text: &str) -> serde_json::Result<serde_json::Value> {
-    let mut out = String::with_capacity(text.len() + 16);
-    let mut in_string = false;
-    let mut escaped = false;
-    let mut rest = text;
-    while let Some(c) = rest.chars().next() {
-        if in_string {
-            out.push(c);
-            if escaped {
-                escaped = false;
-            } else if c == '\\' {
-                escaped = true;
-            } else if c == '"' {
-                in_string = false;
-            }
-            rest = &rest[c.len_utf8()..];
-            continue;
-        }
-        if c == '"' {
-            in_string = true;
-            out.push(c);
-            rest = &rest[1..];
-            continue;
-        }
-        if let Some(token) = ["-Infinity", "Infinity", "NaN"]
-            .into_iter()
-            .find(|t| rest.starts_with(t))
-        {
-            out.push('"');
-            out.push_str(token);
-            out.push('"');
-            rest = &rest[token.len()..];
-            continue;
-        }
-        out.push(c);
-        rest = &rest[c.len_utf8()..];
-    }
-    serde_json::from_str(&out)
+    serde_json::from_str(&crate::checkpoint::quote_non_finite_literals(text))
 }
 
 /// A JSON number, or one of the strings `"Infinity"`, `"-Infinity"`, `"NaN"`.
