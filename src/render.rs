@@ -8,11 +8,13 @@ use indicatif::{ProgressBar, ProgressStyle};
 use relayfarm_coordinator::{EmbeddedQueue, JobState};
 use relayfarm_core::write_atomic;
 use relayfarm_core::{parse_prompt_set, JobId, JobSpec, RenderParams};
+use relayfarm_models::checkpoint::PipelineFolder;
 use relayfarm_models::pipeline::{PipelineOptions, StepEvent};
 use relayfarm_models::RunDtype;
 use relayfarm_worker::contact_sheet::contact_sheet;
 use relayfarm_worker::runner::RenderJob;
-use relayfarm_worker::{LocalResultStore, PipelineRunner};
+use relayfarm_worker::stage::SplitPipeline;
+use relayfarm_worker::{JobOutput, LocalResultStore, PipelineRunner};
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -98,6 +100,19 @@ pub struct RenderArgs {
     /// The attention heads must divide by N (PixArt-Σ XL has 16). Same latents as --tp 1.
     #[arg(long, env = "RELAYFARM_TP", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub tp: u16,
+    /// Run the text encoder, the denoiser and the VAE as three executors (threads here, each
+    /// loading only its own weights) joined by links, so that they work on different images at
+    /// the same time. Same images and latents as without it.
+    #[arg(long, env = "RELAYFARM_SPLIT")]
+    pub split: bool,
+    /// Skip the model's published size limits (e.g. CogView3-Plus' 512..=2048 px and 2^21
+    /// pixels); the multiple the architecture needs is still enforced.
+    #[arg(long)]
+    pub no_size_check: bool,
+    /// Use another scheduler than the checkpoint's: euler, dpm++, dpm++-karras (the Kolors
+    /// recipe: 25 steps). Default: the one in scheduler/scheduler_config.json.
+    #[arg(long, env = "RELAYFARM_SCHEDULER")]
+    pub scheduler: Option<String>,
 }
 
 fn parse_device(s: &str) -> Result<Device> {
@@ -180,17 +195,107 @@ pub fn run(args: RenderArgs) -> Result<ExitCode> {
         variant: args.variant.clone(),
         transformer_dir: args.transformer.clone(),
         tensor_parallel: usize::from(args.tp),
+        scheduler: args.scheduler.clone(),
         ..PipelineOptions::cpu(dtype)
     };
     let opts = PipelineOptions { device, ..opts };
     let started = std::time::Instant::now();
-    let runner = PipelineRunner::load(&dir, &model_name, &opts)
+    let mut engine = Engine::load(&dir, &model_name, &opts, args.split)
         .with_context(|| format!("loading model {}", dir.display()))?;
-    tracing::info!(seconds = started.elapsed().as_secs_f64(), "model loaded");
+    tracing::info!(
+        seconds = started.elapsed().as_secs_f64(),
+        split = args.split,
+        "model loaded"
+    );
     let base_seed = args.seed.unwrap_or_else(random_seed);
     match prompt_set {
-        None => render_one(&args, &runner, latents, base_seed),
-        Some(set) => render_set(&args, &runner, set, base_seed),
+        None => render_one(&args, &mut engine, latents, base_seed),
+        Some(set) => render_set(&args, &mut engine, set, base_seed),
+    }
+}
+
+/// How `render` runs the stages: one pipeline on this thread, or three stage executors.
+enum Engine {
+    /// Every stage on this thread.
+    Whole(PipelineRunner),
+    /// `--split`: three executors; the runner wraps the text-encoder stage's pipeline, which
+    /// validates requests and writes the metadata.
+    Split(PipelineRunner, SplitPipeline),
+}
+
+/// Jobs a split pipeline may hold at once (each link holds one, each stage works on one).
+const SPLIT_WINDOW: usize = 4;
+
+impl Engine {
+    fn load(dir: &Path, model_name: &str, opts: &PipelineOptions, split: bool) -> Result<Self> {
+        if !split {
+            return Ok(Engine::Whole(PipelineRunner::load(dir, model_name, opts)?));
+        }
+        let folder = PipelineFolder::open(dir)?;
+        let split = SplitPipeline::start(&folder, opts, None)?;
+        let runner = PipelineRunner::from_pipeline(split.front(), model_name);
+        Ok(Engine::Split(runner, split))
+    }
+
+    fn runner(&self) -> &PipelineRunner {
+        match self {
+            Engine::Whole(r) | Engine::Split(r, _) => r,
+        }
+    }
+
+    /// Renders `jobs` in order, calling `done` with each result as it finishes; `on_step`
+    /// sees denoiser steps (whole mode only: the split denoiser runs on its own thread).
+    fn run_all(
+        &mut self,
+        jobs: Vec<(String, RenderJob)>,
+        on_step: &mut dyn FnMut(&str, StepEvent),
+        done: &mut dyn FnMut(&str, Result<JobOutput>),
+    ) -> Result<()> {
+        match self {
+            Engine::Whole(runner) => {
+                for (id, job) in jobs {
+                    let span = tracing::info_span!("job", %id, seed = job.seed);
+                    let mut observer = |e: StepEvent| {
+                        on_step(&id, e);
+                        ControlFlow::Continue(())
+                    };
+                    let out = span.in_scope(|| runner.run(&job, &mut observer));
+                    done(&id, out.map_err(anyhow::Error::from));
+                }
+                Ok(())
+            }
+            Engine::Split(runner, split) => {
+                let mut requests = std::collections::HashMap::new();
+                let mut pending = jobs.into_iter();
+                let mut in_flight = 0usize;
+                loop {
+                    while in_flight < SPLIT_WINDOW {
+                        let Some((id, job)) = pending.next() else {
+                            break;
+                        };
+                        let req = runner.request(&job);
+                        split.submit(&id, req.clone())?;
+                        requests.insert(id, req);
+                        in_flight += 1;
+                    }
+                    if in_flight == 0 {
+                        return Ok(());
+                    }
+                    let Some(out) = split.recv()? else {
+                        bail!("the stage executors stopped with {in_flight} image(s) unfinished");
+                    };
+                    in_flight -= 1;
+                    let result = match (out.result, requests.remove(&out.id)) {
+                        (Ok(generated), Some(req)) => {
+                            runner.finish(&req, generated).map_err(anyhow::Error::from)
+                        }
+                        (Ok(_), None) => Err(anyhow!("a stage returned an unknown job {}", out.id)),
+                        (Err(e), _) => Err(e.into()),
+                    };
+                    done(&out.id, result);
+                }
+            }
+        }
     }
 }
 
@@ -226,6 +331,7 @@ fn job_from(args: &RenderArgs, prompt: &str, params: &RenderParams, seed: u64) -
         seed: params.seed.unwrap_or(seed),
         latents: None,
         resolution_binning: !args.no_resolution_binning,
+        size_check: !args.no_size_check,
     }
 }
 
@@ -242,28 +348,34 @@ fn defaults(args: &RenderArgs) -> RenderParams {
 
 fn render_one(
     args: &RenderArgs,
-    runner: &PipelineRunner,
+    engine: &mut Engine,
     latents: Option<Tensor>,
     seed: u64,
 ) -> Result<ExitCode> {
     let prompt = args.prompt.as_deref().unwrap_or_default();
     let mut job = job_from(args, prompt, &defaults(args), seed);
     job.latents = latents;
-    runner.validate(&job)?;
-    let steps = runner.request(&job).steps as u64;
+    engine.runner().validate(&job)?;
+    let steps = engine.runner().request(&job).steps as u64;
     let bar = step_bar(args.quiet, steps, "render".into());
-    let mut observer = |e: StepEvent| {
+    let mut on_step = |_: &str, e: StepEvent| {
         bar.set_position(e.step as u64);
         bar.set_message(format!("t={}", e.timestep));
-        ControlFlow::Continue(())
     };
-    let span = tracing::info_span!("job", seed = job.seed);
-    let out = span.in_scope(|| runner.run(&job, &mut observer))?;
+    let mut result = None;
+    let seed = job.seed;
+    engine.run_all(
+        vec![(format!("seed-{seed}"), job)],
+        &mut on_step,
+        &mut |_, r| result = Some(r),
+    )?;
+    let out = result.ok_or_else(|| anyhow!("the image was not rendered"))??;
     bar.finish_and_clear();
+    let job_seed = seed;
     let path = args
         .output
         .clone()
-        .unwrap_or_else(|| PathBuf::from(format!("relayfarm-{}.png", job.seed)));
+        .unwrap_or_else(|| PathBuf::from(format!("relayfarm-{job_seed}.png")));
     write_atomic(&path, &out.png).with_context(|| format!("writing {}", path.display()))?;
     if let Some(p) = &args.save_latents {
         let l = out.latents.to_dtype(candle_core::DType::F32)?;
@@ -308,7 +420,7 @@ fn slug(prompt: &str) -> String {
 
 fn render_set(
     args: &RenderArgs,
-    runner: &PipelineRunner,
+    engine: &mut Engine,
     set: Vec<relayfarm_core::PromptLine>,
     base_seed: u64,
 ) -> Result<ExitCode> {
@@ -326,7 +438,7 @@ fn render_set(
             &params,
             base_seed.wrapping_add(i as u64),
         );
-        if let Err(e) = runner.validate(&job) {
+        if let Err(e) = engine.runner().validate(&job) {
             errors.push(format!("line {}: {e}", line.line));
         }
         let file = match &line.name {
@@ -389,29 +501,32 @@ fn render_set(
         .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     bar.set_position(summary.skipped as u64);
+    let mut claimed = Vec::new();
     while let Some(spec) = queue.claim() {
-        let Some(job) = jobs.get(&spec.id) else {
-            continue;
-        };
-        let span = tracing::info_span!("job", id = %spec.id, seed = job.seed);
-        let mut observer = |e: StepEvent| {
-            bar.set_message(format!("{} step {}/{}", spec.id, e.step, e.total));
-            ControlFlow::Continue(())
-        };
-        match span.in_scope(|| runner.run(job, &mut observer)) {
-            Ok(out) => match store.put(&spec.id.0, &out.png) {
+        if let Some(job) = jobs.remove(&spec.id) {
+            claimed.push((spec.id.0.clone(), job));
+        }
+    }
+    let mut on_step = |id: &str, e: StepEvent| {
+        bar.set_message(format!("{id} step {}/{}", e.step, e.total));
+    };
+    let mut done = |id: &str, result: Result<JobOutput>| {
+        let id = JobId(id.to_string());
+        match result {
+            Ok(out) => match store.put(&id.0, &out.png) {
                 Ok(path) => {
-                    queue.complete(&spec.id, path.display().to_string());
+                    queue.complete(&id, path.display().to_string());
                 }
-                Err(e) => queue.fail(&spec.id, format!("cannot write the image: {e}")),
+                Err(e) => queue.fail(&id, format!("cannot write the image: {e}")),
             },
             Err(e) => {
-                tracing::error!(id = %spec.id, error = %e, "job failed");
-                queue.fail(&spec.id, e.to_string());
+                tracing::error!(%id, error = %e, "job failed");
+                queue.fail(&id, format!("{e:#}"));
             }
         }
         bar.inc(1);
-    }
+    };
+    engine.run_all(claimed, &mut on_step, &mut done)?;
     bar.finish_and_clear();
     let mut images = Vec::new();
     let mut failures = Vec::new();

@@ -814,6 +814,7 @@ pub fn render_job(job: &ClaimedJob) -> crate::runner::RenderJob {
         seed: p.seed.unwrap_or(0),
         latents: None,
         resolution_binning: !job.no_resolution_binning,
+        size_check: true,
     }
 }
 

@@ -2,12 +2,14 @@
 //!
 //! - [`png_output`]: PNG encoding with the generation metadata in text chunks;
 //! - [`contact_sheet`]: a grid of thumbnails for a prompt set;
-//! - [`runner`]: a loaded pipeline plus the job → image path.
+//! - [`runner`]: a loaded pipeline plus the job → image path;
+//! - [`stage`]: stage executors joined by links (`--split`, replicas).
 
 pub mod contact_sheet;
 pub mod farm;
 pub mod png_output;
 pub mod runner;
+pub mod stage;
 
 pub use relayfarm_core::LocalResultStore;
 pub use runner::{JobOutput, PipelineRunner, RunnerError};

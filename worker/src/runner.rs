@@ -5,10 +5,11 @@ use candle_core::Tensor;
 use relayfarm_core::{GenerationMetadata, VERSION};
 use relayfarm_models::checkpoint::PipelineFolder;
 use relayfarm_models::pipeline::{
-    GenerateRequest, PipelineOptions, PixArtSigmaPipeline, SizePlan, StepObserver,
+    load_pipeline, DiffusionPipeline, GenerateRequest, PipelineOptions, SizePlan, StepObserver,
 };
 use relayfarm_models::ModelError;
 use std::path::Path;
+use std::sync::Arc;
 
 /// Errors from running a job.
 #[derive(Debug, thiserror::Error)]
@@ -33,7 +34,8 @@ impl RunnerError {
 pub struct RenderJob {
     /// Prompt.
     pub prompt: String,
-    /// Negative prompt (`None` → the model's default, `""` for PixArt-Σ).
+    /// Negative prompt (`None` → the model's default: `""` for PixArt-Σ and Kolors, zero
+    /// embeddings for CogView3-Plus).
     pub negative_prompt: Option<String>,
     /// Output height.
     pub height: Option<u32>,
@@ -49,6 +51,8 @@ pub struct RenderJob {
     pub latents: Option<Tensor>,
     /// Resolution binning (diffusers default on).
     pub resolution_binning: bool,
+    /// Enforce the model's published size limits (`--no-size-check` turns this off).
+    pub size_check: bool,
 }
 
 /// The result of one job.
@@ -64,7 +68,7 @@ pub struct JobOutput {
 
 /// A pipeline loaded on one device, ready for jobs.
 pub struct PipelineRunner {
-    pipeline: PixArtSigmaPipeline,
+    pipeline: Arc<dyn DiffusionPipeline>,
     model_name: String,
 }
 
@@ -77,45 +81,46 @@ impl PipelineRunner {
     ) -> Result<Self, RunnerError> {
         let _span = tracing::info_span!("load_model", model = model_name).entered();
         let folder = PipelineFolder::open(model_dir)?;
-        let pipeline = match folder.pipeline_class() {
-            PixArtSigmaPipeline::CLASS => PixArtSigmaPipeline::load(&folder, opts)?,
-            other => {
-                return Err(ModelError::UnknownClass {
-                    what: "pipeline".into(),
-                    class: other.to_string(),
-                    supported: PixArtSigmaPipeline::CLASS.into(),
-                }
-                .into())
-            }
-        };
+        let pipeline = Arc::from(load_pipeline(&folder, opts)?);
         Ok(PipelineRunner {
             pipeline,
             model_name: model_name.to_string(),
         })
     }
 
+    /// A runner over an already-loaded pipeline (e.g. the text-encoder stage of a split
+    /// pipeline, which validates requests and whose info goes into the metadata).
+    pub fn from_pipeline(pipeline: Arc<dyn DiffusionPipeline>, model_name: &str) -> Self {
+        PipelineRunner {
+            pipeline,
+            model_name: model_name.to_string(),
+        }
+    }
+
     /// The pipeline.
-    pub fn pipeline(&self) -> &PixArtSigmaPipeline {
-        &self.pipeline
+    pub fn pipeline(&self) -> &dyn DiffusionPipeline {
+        self.pipeline.as_ref()
+    }
+
+    /// The name metadata records.
+    pub fn model_name(&self) -> &str {
+        &self.model_name
     }
 
     /// The request a job turns into, with the pipeline's defaults applied.
     pub fn request(&self, job: &RenderJob) -> GenerateRequest {
+        let info = self.pipeline.info();
         GenerateRequest {
             prompt: job.prompt.clone(),
-            negative_prompt: job.negative_prompt.clone().unwrap_or_default(),
+            negative_prompt: job.negative_prompt.clone(),
             height: job.height,
             width: job.width,
-            steps: job
-                .steps
-                .map(|s| s as usize)
-                .unwrap_or(PixArtSigmaPipeline::DEFAULT_STEPS),
-            guidance: job
-                .guidance
-                .unwrap_or(PixArtSigmaPipeline::DEFAULT_GUIDANCE),
+            steps: job.steps.map(|s| s as usize).unwrap_or(info.default_steps),
+            guidance: job.guidance.unwrap_or(info.default_guidance),
             seed: job.seed,
             latents: job.latents.clone(),
             resolution_binning: job.resolution_binning,
+            size_check: job.size_check,
         }
     }
 
@@ -136,10 +141,20 @@ impl PipelineRunner {
         self.validate(job)?;
         let req = self.request(job);
         let generated = self.pipeline.generate(&req, observer)?;
+        self.finish(&req, generated)
+    }
+
+    /// Encodes a generated image as a PNG with the request's metadata (the last step of a
+    /// job, wherever its stages ran).
+    pub fn finish(
+        &self,
+        req: &GenerateRequest,
+        generated: relayfarm_models::pipeline::Generated,
+    ) -> Result<JobOutput, RunnerError> {
         let rgb = tensor_to_rgb8(&generated.image)?;
         let metadata = GenerationMetadata {
             prompt: req.prompt.clone(),
-            negative_prompt: req.negative_prompt.clone(),
+            negative_prompt: req.negative_prompt.clone().unwrap_or_default(),
             seed: req.seed,
             steps: req.steps as u32,
             guidance: req.guidance,
@@ -147,7 +162,7 @@ impl PipelineRunner {
             height: generated.size.height as u32,
             model: self.model_name.clone(),
             scheduler: generated.scheduler.clone(),
-            dtype: self.pipeline.dtype().to_string(),
+            dtype: self.pipeline.info().dtype.to_string(),
             version: VERSION.to_string(),
         };
         let png = encode_png(&rgb, &metadata)?;

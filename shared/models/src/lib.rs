@@ -7,7 +7,10 @@
 //! - [`nn`]: building blocks shared by several models (attention, embeddings).
 //! - [`text_encoder`], [`denoiser`], [`vae`]: one model component per file.
 //! - [`scheduler`]: diffusion schedulers, read from `scheduler_config.json`.
-//! - [`pipeline`]: pipelines that tie the components together with the reference semantics.
+//! - [`pipeline`]: pipelines that tie the components together with the reference semantics,
+//!   as stages (text encoder → denoiser → VAE) behind one trait.
+//! - [`parallel`]: tensor-parallel collectives; [`link`]: the typed messages between stages
+//!   and the links that carry them.
 //!
 //! Model code knows nothing of gRPC, queues or files beyond the checkpoint it loads.
 
@@ -15,6 +18,7 @@ pub mod checkpoint;
 pub mod denoiser;
 pub mod dtype;
 pub mod error;
+pub mod link;
 pub mod nn;
 pub mod parallel;
 pub mod pipeline;

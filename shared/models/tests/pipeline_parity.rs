@@ -6,7 +6,7 @@
 use candle_core::{DType, Device, Tensor};
 use relayfarm_models::checkpoint::PipelineFolder;
 use relayfarm_models::pipeline::{
-    GenerateRequest, PipelineOptions, PixArtSigmaPipeline, StepEvent,
+    DiffusionPipeline, GenerateRequest, PipelineOptions, PixArtSigmaPipeline, StepEvent,
 };
 use relayfarm_models::RunDtype;
 use std::ops::ControlFlow;
@@ -69,7 +69,7 @@ fn run_case(p: &PixArtSigmaPipeline, name: &str) {
     .unwrap();
     let req = GenerateRequest {
         prompt: case["prompt"].as_str().unwrap().to_string(),
-        negative_prompt: case["negative_prompt"].as_str().unwrap().to_string(),
+        negative_prompt: Some(case["negative_prompt"].as_str().unwrap().to_string()),
         height: Some(case["height"].as_u64().unwrap() as u32),
         width: Some(case["width"].as_u64().unwrap() as u32),
         steps: case["num_inference_steps"].as_u64().unwrap() as usize,
@@ -77,13 +77,18 @@ fn run_case(p: &PixArtSigmaPipeline, name: &str) {
         seed: 0,
         latents: Some(exp["noise"].clone()),
         resolution_binning: case["use_resolution_binning"].as_bool().unwrap(),
+        size_check: true,
     };
     let plan = p.validate(&req).unwrap();
     assert_eq!(plan.gen_height as u64, case["gen_height"].as_u64().unwrap());
     assert_eq!(plan.gen_width as u64, case["gen_width"].as_u64().unwrap());
 
     let embeds = p
-        .encode_prompt(&req.prompt, &req.negative_prompt, req.guidance)
+        .encode_prompt_embeds(
+            &req.prompt,
+            req.negative_prompt.as_deref().unwrap_or(""),
+            req.guidance,
+        )
         .unwrap();
     let e_cond = rel_err(
         &embeds.embeds.narrow(0, 1, 1).unwrap(),
@@ -124,7 +129,7 @@ fn cancellation_stops_at_a_step_boundary() {
     let p = pipeline();
     let req = GenerateRequest {
         prompt: "a cat".into(),
-        negative_prompt: String::new(),
+        negative_prompt: None,
         height: Some(32),
         width: Some(32),
         steps: 5,
@@ -132,6 +137,7 @@ fn cancellation_stops_at_a_step_boundary() {
         seed: 1,
         latents: None,
         resolution_binning: false,
+        size_check: true,
     };
     let mut obs = |e: StepEvent| {
         if e.step == 2 {
@@ -149,7 +155,7 @@ fn bad_requests_are_named() {
     let p = pipeline();
     let base = GenerateRequest {
         prompt: "a cat".into(),
-        negative_prompt: String::new(),
+        negative_prompt: None,
         height: Some(48),
         width: Some(80),
         steps: 3,
@@ -157,6 +163,7 @@ fn bad_requests_are_named() {
         seed: 1,
         latents: None,
         resolution_binning: false,
+        size_check: true,
     };
     let err = |r: GenerateRequest| p.validate(&r).unwrap_err().to_string();
     let e = err(GenerateRequest {

@@ -20,7 +20,7 @@ use relayfarm_models::denoiser::pixart::ACCEPTED_CLASSES;
 use relayfarm_models::denoiser::{PixArtOptions, PixArtTransformer};
 use relayfarm_models::parallel::{Collective, InProcessCollective, WeightFootprint};
 use relayfarm_models::pipeline::{
-    GenerateRequest, PipelineOptions, PixArtSigmaPipeline, StepEvent,
+    DiffusionPipeline, GenerateRequest, PipelineOptions, PixArtSigmaPipeline, StepEvent,
 };
 use relayfarm_models::{ModelError, RunDtype};
 
@@ -274,7 +274,7 @@ fn nonsquare_request() -> (GenerateRequest, Tensor) {
     .unwrap();
     let req = GenerateRequest {
         prompt: "A Small Red Cabin in the Snowy Woods, 4K".into(),
-        negative_prompt: String::new(),
+        negative_prompt: None,
         height: Some(48),
         width: Some(80),
         steps: 20,
@@ -282,6 +282,7 @@ fn nonsquare_request() -> (GenerateRequest, Tensor) {
         seed: 0,
         latents: Some(exp["noise"].clone()),
         resolution_binning: false,
+        size_check: true,
     };
     (req, exp["final_latents"].clone())
 }

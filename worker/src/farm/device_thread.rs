@@ -6,7 +6,9 @@
 use crate::png_output::{encode_png, Rgb8};
 use crate::runner::{PipelineRunner, RenderJob};
 use relayfarm_core::{GenerationMetadata, VERSION};
-use relayfarm_models::pipeline::{PipelineOptions, PixArtSigmaPipeline, StepEvent};
+use relayfarm_models::pipeline::{
+    DiffusionPipeline, PipelineOptions, PixArtSigmaPipeline, StepEvent,
+};
 use relayfarm_models::ModelError;
 use relayfarm_proto::v1::{ModelInfo, SizeRules};
 use std::collections::HashMap;
@@ -59,29 +61,31 @@ impl std::str::FromStr for ModelSpec {
     }
 }
 
-/// The [`ModelInfo`] a worker registers for a loaded PixArt-Σ pipeline: its size rules (any size
-/// in 1..=8192 with resolution binning, multiples of the VAE factor × patch size without),
-/// default size, steps, guidance and scheduler.
-pub fn model_info(name: &str, pipeline: &PixArtSigmaPipeline) -> ModelInfo {
-    let default = pipeline.default_size() as u32;
+/// The [`ModelInfo`] a worker registers for a loaded pipeline: its family, size rules
+/// (PixArt-Σ: any size in 1..=8192 with resolution binning, multiples of the VAE factor × patch
+/// size without; CogView3-Plus: the limits derived from its config), default size, steps,
+/// guidance and scheduler.
+pub fn model_info(name: &str, pipeline: &dyn DiffusionPipeline) -> ModelInfo {
+    let info = pipeline.info();
+    let s = &info.size;
     ModelInfo {
         name: name.to_string(),
-        family: PIXART_SIGMA_FAMILY.to_string(),
-        pipeline_class: PixArtSigmaPipeline::CLASS.to_string(),
+        family: info.family.to_string(),
+        pipeline_class: info.class.to_string(),
         size: Some(SizeRules {
-            min_side: 1,
-            max_side: relayfarm_models::pipeline::pixart_sigma::MAX_SIDE as u32,
-            multiple: pipeline.size_multiple() as u32,
-            max_area: 0,
-            default_height: default,
-            default_width: default,
-            resolution_binning: true,
+            min_side: s.min_side as u32,
+            max_side: s.max_side as u32,
+            multiple: s.multiple as u32,
+            max_area: s.max_area as u64,
+            default_height: s.default_height as u32,
+            default_width: s.default_width as u32,
+            resolution_binning: s.resolution_binning,
         }),
-        default_steps: PixArtSigmaPipeline::DEFAULT_STEPS as u32,
-        default_guidance: PixArtSigmaPipeline::DEFAULT_GUIDANCE,
+        default_steps: info.default_steps as u32,
+        default_guidance: info.default_guidance,
         max_steps: MAX_STEPS,
         workers: 0,
-        scheduler: pipeline.scheduler_name().to_string(),
+        scheduler: info.scheduler.clone(),
     }
 }
 

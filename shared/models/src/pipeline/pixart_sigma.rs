@@ -23,57 +23,44 @@
 //! relayfarm render --model tests/fixtures/pixart-sigma-tiny --prompt "a red cabin" --tp 2
 //! ```
 
-use super::noise::randn;
-use super::resolution::{bin_table_for_sample_size, classify_height_width_bin, resize_and_crop};
-use super::{GenerateRequest, Generated, SizePlan, StepEvent, StepObserver};
-use crate::checkpoint::{ComponentFolder, PipelineFolder};
-use crate::denoiser::pixart::{PixArtOptions, PixArtTransformer};
-use crate::parallel::{
-    broadcast_from, Collective, InProcessCollective, RankAbort, RankJob, RankThreads,
+use super::diffusion::{
+    check_latents_shape, check_steps_and_guidance, DiffusionPipeline, PipelineInfo, SizeRules,
 };
+use super::resolution::{bin_table_for_sample_size, classify_height_width_bin, resize_and_crop};
+use super::stage::{Conditioning, Stage, StageSet};
+use super::tensor_parallel::{agree_on_stop, share_from_rank0, DenoiserGroup, HelperJob};
+use super::{GenerateRequest, PipelineOptions, SizePlan, StepEvent, StepObserver};
+use crate::checkpoint::{ComponentFolder, PipelineFolder};
+use crate::denoiser::pixart::{PixArtConfig, PixArtTransformer};
+use crate::parallel::Collective;
 use crate::scheduler;
 use crate::text_encoder::t5::T5Encoder;
 use crate::tokenizer::t5::T5Tokenizer;
-use crate::vae::autoencoder_kl::AutoencoderKL;
+use crate::vae::autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig};
 use crate::{ModelError, Result, RunDtype};
-use candle_core::{DType, Device, DeviceLocation, Tensor};
+use candle_core::{DType, Device, Tensor};
 use std::ops::ControlFlow;
-use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
-
-/// How to load a pipeline.
-#[derive(Debug, Clone)]
-pub struct PipelineOptions {
-    /// Run dtype for every component.
-    pub dtype: RunDtype,
-    /// Device to load onto.
-    pub device: Device,
-    /// Preferred weight variant (e.g. `fp16`); `None` takes plain files, or the only variant.
-    pub variant: Option<String>,
-    /// A transformer folder that replaces the pipeline's own (e.g. the transformer-only
-    /// PixArt-Sigma-XL-2-2K-MS repository used with the 1024 pipeline's T5 and VAE).
-    pub transformer_dir: Option<PathBuf>,
-    /// Denoiser options (KV token compression).
-    pub transformer: PixArtOptions,
-    /// Tensor-parallel ranks for the denoiser (1: off). On the CPU the ranks are threads of
-    /// this process; on `cuda:K` rank `r` uses GPU `K + r` and NCCL (feature `cuda`). The
-    /// attention heads must divide by it (16 for PixArt-Σ XL: 1, 2, 4, 8 or 16).
-    pub tensor_parallel: usize,
-}
+use std::sync::Arc;
 
 /// The PixArt-Σ pipeline: T5 tokenizer and encoder, PixArt transformer, SDXL VAE, DPM-Solver.
+/// Each stage's weights are loaded only when [`PipelineOptions::stages`] includes it.
 pub struct PixArtSigmaPipeline {
-    tokenizer: T5Tokenizer,
-    text_encoder: T5Encoder,
-    /// The denoiser, or its rank-0 shard with tensor parallelism.
-    transformer: PixArtTransformer,
-    /// Ranks `1..N` of a tensor-parallel denoiser.
-    tp: Option<TensorParallel>,
-    vae: AutoencoderKL,
+    info: PipelineInfo,
+    stages: StageSet,
+    text: Option<TextStage>,
+    /// The denoiser: whole, or its tensor-parallel ranks.
+    denoiser: Option<DenoiserGroup<PixArtTransformer>>,
+    transformer_config: PixArtConfig,
+    vae: Option<AutoencoderKL>,
+    vae_config: AutoencoderKLConfig,
     scheduler: ComponentFolder,
-    scheduler_name: String,
     device: Device,
-    dtype: RunDtype,
+}
+
+/// The text-encoder stage.
+struct TextStage {
+    tokenizer: T5Tokenizer,
+    encoder: T5Encoder,
 }
 
 /// Text embeddings for one prompt (and its negative when CFG is on).
@@ -87,34 +74,46 @@ pub struct PromptEmbeds {
     pub cfg: bool,
 }
 
+impl PromptEmbeds {
+    /// As the stage message.
+    pub fn to_conditioning(&self) -> Conditioning {
+        Conditioning::new(self.cfg)
+            .with(EMBEDS, self.embeds.clone())
+            .with(MASK, self.mask.clone())
+    }
+
+    /// From the stage message.
+    pub fn from_conditioning(c: &Conditioning) -> Result<Self> {
+        Ok(PromptEmbeds {
+            embeds: c.get(EMBEDS)?.clone(),
+            mask: c.get(MASK)?.clone(),
+            cfg: c.cfg,
+        })
+    }
+}
+
+const EMBEDS: &str = "prompt_embeds";
+const MASK: &str = "prompt_attention_mask";
+
 /// The longest prompt PixArt-Σ's T5 sees, in tokens (`max_sequence_length`).
 pub const MAX_SEQUENCE_LENGTH: usize = 300;
 /// The largest side relayfarm accepts, in pixels.
 pub const MAX_SIDE: usize = 8192;
-
-impl PipelineOptions {
-    /// f32 on the CPU, no variant or overrides.
-    pub fn cpu(dtype: RunDtype) -> Self {
-        PipelineOptions {
-            dtype,
-            device: Device::Cpu,
-            variant: None,
-            transformer_dir: None,
-            transformer: PixArtOptions::default(),
-            tensor_parallel: 1,
-        }
-    }
-}
+/// Most denoising steps (the training timesteps).
+const MAX_STEPS: usize = 1000;
 
 impl PixArtSigmaPipeline {
     /// The diffusers pipeline class this implements.
     pub const CLASS: &'static str = "PixArtSigmaPipeline";
+    /// The model family name.
+    pub const FAMILY: &'static str = "pixart-sigma";
     /// Default number of steps (diffusers).
     pub const DEFAULT_STEPS: usize = 20;
     /// Default guidance scale (diffusers).
     pub const DEFAULT_GUIDANCE: f64 = 4.5;
 
-    /// Loads every component of a diffusers PixArt-Σ folder.
+    /// Loads a diffusers PixArt-Σ folder: every component's config, and the weights of the
+    /// stages in `opts.stages`.
     pub fn load(folder: &PipelineFolder, opts: &PipelineOptions) -> Result<Self> {
         if folder.pipeline_class() != Self::CLASS {
             return Err(ModelError::UnknownClass {
@@ -131,10 +130,18 @@ impl PixArtSigmaPipeline {
         }
         let folder = &folder.clone().with_variant(opts.variant.clone());
         let device = &opts.device;
-        let tok_dir = folder.component("tokenizer", &["T5Tokenizer", "T5TokenizerFast"])?;
-        let tokenizer = T5Tokenizer::from_folder(tok_dir.dir())?;
-        let te = folder.component("text_encoder", &["T5EncoderModel"])?;
-        let text_encoder = T5Encoder::load(&te, opts.dtype, device)?;
+        let stages = opts.stages;
+        let text = if stages.contains(Stage::TextEncoder) {
+            let _span = tracing::info_span!("load", stage = "text-encoder").entered();
+            let tok_dir = folder.component("tokenizer", &["T5Tokenizer", "T5TokenizerFast"])?;
+            let te = folder.component("text_encoder", &["T5EncoderModel"])?;
+            Some(TextStage {
+                tokenizer: T5Tokenizer::from_folder(tok_dir.dir())?,
+                encoder: T5Encoder::load(&te, opts.dtype, device)?,
+            })
+        } else {
+            None
+        };
         let tr = match &opts.transformer_dir {
             Some(dir) => {
                 ComponentFolder::open(dir, "transformer", "PixArtTransformer2DModel".into())?
@@ -145,53 +152,109 @@ impl PixArtSigmaPipeline {
                 &["PixArtTransformer2DModel", "Transformer2DModel"],
             )?,
         };
-        let (transformer, tp) = load_denoiser(&tr, opts)?;
+        let transformer_config: PixArtConfig = tr.config()?;
+        transformer_config.validate()?;
+        let denoiser = if stages.contains(Stage::Denoiser) {
+            let _span = tracing::info_span!("load", stage = "denoiser").entered();
+            let (comp, dtype, topts) = (tr.clone(), opts.dtype, opts.transformer.clone());
+            let variant = opts.variant.clone();
+            Some(DenoiserGroup::load(
+                device,
+                opts.tensor_parallel,
+                move |dev, coll| match coll {
+                    None => PixArtTransformer::load_variant(
+                        &comp,
+                        dtype,
+                        dev,
+                        variant.as_deref(),
+                        &topts,
+                    ),
+                    Some(c) => PixArtTransformer::load_sharded(
+                        &comp,
+                        dtype,
+                        dev,
+                        variant.as_deref(),
+                        &topts,
+                        c,
+                    ),
+                },
+            )?)
+        } else {
+            None
+        };
         let vae_dir = folder.component("vae", &["AutoencoderKL"])?;
-        let vae = AutoencoderKL::load(&vae_dir, opts.dtype, device)?;
+        let vae_config: AutoencoderKLConfig = vae_dir.config()?;
+        vae_config.validate()?;
+        let vae = if stages.contains(Stage::Vae) {
+            let _span = tracing::info_span!("load", stage = "vae").entered();
+            Some(AutoencoderKL::load(&vae_dir, opts.dtype, device)?)
+        } else {
+            None
+        };
         let sched_dir = folder.component("scheduler", &[])?;
         // Build one scheduler now so a bad scheduler config fails at load, not at the first job.
         let scheduler_name = scheduler::from_folder(&sched_dir)?.name().to_string();
-        Ok(PixArtSigmaPipeline {
-            tokenizer,
-            text_encoder,
-            transformer,
-            tp,
-            vae,
-            scheduler: sched_dir,
-            scheduler_name,
-            device: device.clone(),
+        let f = vae_config.downscale_factor();
+        let default = transformer_config.sample_size * f;
+        let info = PipelineInfo {
+            class: Self::CLASS,
+            family: Self::FAMILY,
+            default_steps: Self::DEFAULT_STEPS,
+            default_guidance: Self::DEFAULT_GUIDANCE,
+            size: SizeRules {
+                min_side: 1,
+                max_side: MAX_SIDE,
+                multiple: f * transformer_config.patch_size,
+                max_area: 0,
+                default_height: default,
+                default_width: default,
+                resolution_binning: true,
+            },
+            max_sequence_length: MAX_SEQUENCE_LENGTH,
+            scheduler: scheduler_name,
             dtype: opts.dtype,
+        };
+        Ok(PixArtSigmaPipeline {
+            info,
+            stages,
+            text,
+            denoiser,
+            transformer_config,
+            vae,
+            vae_config,
+            scheduler: sched_dir,
+            device: device.clone(),
         })
     }
 
     /// The scheduler class.
     pub fn scheduler_name(&self) -> &str {
-        &self.scheduler_name
+        &self.info.scheduler
     }
 
     /// The run dtype.
     pub fn dtype(&self) -> RunDtype {
-        self.dtype
+        self.info.dtype
     }
 
     /// The VAE's spatial downscale factor (8 for the SDXL VAE).
     pub fn vae_scale_factor(&self) -> usize {
-        self.vae.downscale_factor()
+        self.vae_config.downscale_factor()
     }
 
     /// The size rule without binning: height and width must be multiples of this.
     pub fn size_multiple(&self) -> usize {
-        self.vae_scale_factor() * self.transformer.config().patch_size
+        self.info.size.multiple
     }
 
     /// The default output size (transformer `sample_size` × VAE factor; 1024 for 1024-MS).
     pub fn default_size(&self) -> usize {
-        self.transformer.config().sample_size * self.vae_scale_factor()
+        self.info.size.default_height
     }
 
     /// Latent channels the transformer takes.
     pub fn latent_channels(&self) -> usize {
-        self.transformer.config().in_channels
+        self.transformer_config.in_channels
     }
 
     /// Resolves and checks the sizes of a request before any work is done.
@@ -213,7 +276,7 @@ impl PixArtSigmaPipeline {
             }
         }
         let (gen_height, gen_width) = if binning {
-            let table = bin_table_for_sample_size(self.transformer.config().sample_size)?;
+            let table = bin_table_for_sample_size(self.transformer_config.sample_size)?;
             let (h, w) = classify_height_width_bin(height as u32, width as u32, table);
             (h as usize, w as usize)
         } else {
@@ -226,7 +289,7 @@ impl PixArtSigmaPipeline {
                         format!(
                             "{v} px is not a multiple of {m} (VAE factor {} × patch size {}); use {lo} or {}, or drop --no-resolution-binning",
                             self.vae_scale_factor(),
-                            self.transformer.config().patch_size,
+                            self.transformer_config.patch_size,
                             lo + m
                         ),
                     ));
@@ -242,67 +305,20 @@ impl PixArtSigmaPipeline {
         })
     }
 
-    /// The latent shape `[1, C, h, w]` for a size plan.
-    pub fn latent_shape(&self, plan: &SizePlan) -> [usize; 4] {
-        let f = self.vae_scale_factor();
-        [
-            1,
-            self.latent_channels(),
-            plan.gen_height / f,
-            plan.gen_width / f,
-        ]
-    }
-
-    /// Checks every parameter of a request; returns its size plan.
-    pub fn validate(&self, req: &GenerateRequest) -> Result<SizePlan> {
-        if req.steps == 0 {
-            return Err(ModelError::invalid(
-                "steps",
-                "must be at least 1 (PixArt-Σ default: 20)",
-            ));
-        }
-        if req.steps > 1000 {
-            return Err(ModelError::invalid(
-                "steps",
-                format!("{} exceeds the 1000 training timesteps", req.steps),
-            ));
-        }
-        if !req.guidance.is_finite() || req.guidance < 0.0 {
-            return Err(ModelError::invalid(
-                "guidance",
-                format!("{} must be a finite number ≥ 0 (default 4.5)", req.guidance),
-            ));
-        }
-        let plan = self.plan_size(req.height, req.width, req.resolution_binning)?;
-        if let Some(l) = &req.latents {
-            let want = self.latent_shape(&plan);
-            if l.dims() != want && l.dims() != &want[1..] {
-                return Err(ModelError::invalid(
-                    "latents",
-                    format!(
-                        "tensor `latents` has shape {:?} but this request needs {:?} (generation size {}×{}, latent = size/{})",
-                        l.dims(),
-                        want,
-                        plan.gen_width,
-                        plan.gen_height,
-                        self.vae_scale_factor()
-                    ),
-                ));
-            }
-        }
-        Ok(plan)
-    }
-
     /// diffusers' `_text_preprocessing` with `clean_caption=False`: lower-case and strip.
     pub fn preprocess_text(text: &str) -> String {
         text.to_lowercase().trim().to_string()
     }
 
     fn encode_one(&self, text: &str) -> Result<(Tensor, Tensor)> {
+        self.stages.require(Stage::TextEncoder)?;
+        let Some(stage) = &self.text else {
+            return Err(ModelError::invalid("stage", "text encoder not loaded"));
+        };
         let text = Self::preprocess_text(text);
-        let enc = self.tokenizer.encode_padded(&text, MAX_SEQUENCE_LENGTH)?;
+        let enc = stage.tokenizer.encode_padded(&text, MAX_SEQUENCE_LENGTH)?;
         if enc.num_truncated > 0 {
-            let dropped = self
+            let dropped = stage
                 .tokenizer
                 .truncated_text(&text, MAX_SEQUENCE_LENGTH)?
                 .unwrap_or_default();
@@ -314,12 +330,13 @@ impl PixArtSigmaPipeline {
         }
         let ids = Tensor::new(enc.ids.as_slice(), &self.device)?.unsqueeze(0)?;
         let mask = Tensor::new(enc.mask.as_slice(), &self.device)?.unsqueeze(0)?;
-        let embeds = self.text_encoder.forward(&ids, Some(&mask))?;
+        let embeds = stage.encoder.forward(&ids, Some(&mask))?;
         Ok((embeds, mask))
     }
 
-    /// Stage 1: encode the prompt (and the negative prompt when CFG is on).
-    pub fn encode_prompt(
+    /// Stage 1 with PixArt's own types: encode the prompt (and the negative prompt when CFG
+    /// is on).
+    pub fn encode_prompt_embeds(
         &self,
         prompt: &str,
         negative_prompt: &str,
@@ -343,21 +360,9 @@ impl PixArtSigmaPipeline {
         })
     }
 
-    /// The initial noise for a request: `--latents` if given, else seeded noise.
-    pub fn initial_noise(&self, req: &GenerateRequest, plan: &SizePlan) -> Result<Tensor> {
-        let shape = self.latent_shape(plan);
-        match &req.latents {
-            Some(l) => Ok(l
-                .to_dtype(DType::F32)?
-                .reshape(&shape[..])?
-                .to_device(&self.device)?),
-            None => Ok(randn(req.seed, &shape, &self.device)?),
-        }
-    }
-
-    /// Stage 2: the denoising loop. `noise` is raw standard-normal noise; returns the final
-    /// latents (f32).
-    pub fn denoise(
+    /// Stage 2 with PixArt's own types: the denoising loop from raw standard-normal `noise`;
+    /// returns the final latents (f32).
+    pub fn denoise_embeds(
         &self,
         embeds: &PromptEmbeds,
         noise: &Tensor,
@@ -366,125 +371,97 @@ impl PixArtSigmaPipeline {
         observer: &mut dyn StepObserver,
     ) -> Result<Tensor> {
         let _span = tracing::info_span!("denoise", steps).entered();
-        match &self.tp {
-            None => denoise_loop(
-                &self.transformer,
+        self.stages.require(Stage::Denoiser)?;
+        let Some(group) = &self.denoiser else {
+            return Err(ModelError::invalid("stage", "denoiser not loaded"));
+        };
+        let settings = RankLoop {
+            cfg: embeds.cfg,
+            steps,
+            guidance,
+        };
+        let sched = self.scheduler.clone();
+        let helper: HelperJob<PixArtTransformer> = Arc::new(move |t, coll| {
+            rank_denoise(t, Some(coll), &sched, None, settings, None).map(|_| ())
+        });
+        group.run(helper, |t, coll| {
+            rank_denoise(
+                t,
+                coll,
                 &self.scheduler,
-                embeds,
-                noise,
-                steps,
-                guidance,
-                &mut |e| Ok(observer.on_step(e)),
-            ),
-            Some(tp) => self.denoise_parallel(tp, embeds, noise, steps, guidance, observer),
-        }
+                Some((embeds, noise)),
+                settings,
+                Some(observer),
+            )
+        })
+    }
+}
+
+impl DiffusionPipeline for PixArtSigmaPipeline {
+    fn info(&self) -> &PipelineInfo {
+        &self.info
     }
 
-    /// Tensor-parallel ranks of the denoiser (1 without tensor parallelism).
-    pub fn tensor_parallel(&self) -> usize {
-        self.transformer.tensor_parallel_rank().1
+    fn stages(&self) -> StageSet {
+        self.stages
     }
 
-    fn denoise_parallel(
+    fn tensor_parallel(&self) -> usize {
+        self.denoiser.as_ref().map_or(1, |g| g.ranks())
+    }
+
+    fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn validate(&self, req: &GenerateRequest) -> Result<SizePlan> {
+        check_steps_and_guidance(req, &self.info, MAX_STEPS)?;
+        let plan = self.plan_size(req.height, req.width, req.resolution_binning)?;
+        check_latents_shape(req, self.latent_shape(&plan), &plan)?;
+        Ok(plan)
+    }
+
+    fn latent_shape(&self, plan: &SizePlan) -> [usize; 4] {
+        let f = self.vae_scale_factor();
+        [
+            1,
+            self.latent_channels(),
+            plan.gen_height / f,
+            plan.gen_width / f,
+        ]
+    }
+
+    fn encode_prompt(&self, req: &GenerateRequest) -> Result<Conditioning> {
+        let negative = req.negative_prompt.as_deref().unwrap_or("");
+        Ok(self
+            .encode_prompt_embeds(&req.prompt, negative, req.guidance)?
+            .to_conditioning())
+    }
+
+    fn denoise(
         &self,
-        tp: &TensorParallel,
-        embeds: &PromptEmbeds,
+        cond: &Conditioning,
         noise: &Tensor,
-        steps: usize,
-        guidance: f64,
+        req: &GenerateRequest,
+        _plan: &SizePlan,
         observer: &mut dyn StepObserver,
     ) -> Result<Tensor> {
-        // The ranks run one loop at a time.
-        let mut broken = tp.busy.lock().unwrap_or_else(|p| p.into_inner());
-        if *broken {
-            return Err(ModelError::invalid(
-                "tensor parallel",
-                "a denoiser rank failed in an earlier job and the group cannot be reused; load the pipeline again",
-            ));
-        }
-        let sched = self.scheduler.clone();
-        let cfg = embeds.cfg;
-        let job: RankJob<DenoiserRank> = Arc::new(move |_rank, r: &DenoiserRank| {
-            let result = rank_denoise(
-                &r.transformer,
-                r.collective.as_ref(),
-                &sched,
-                None,
-                RankLoop {
-                    cfg,
-                    steps,
-                    guidance,
-                },
-                None,
-            );
-            if let Err(e) = &result {
-                if !matches!(e, ModelError::Cancelled { .. }) {
-                    r.collective.abort(&e.to_string());
-                }
-            }
-            result.map(|_| ())
-        });
-        let pending = tp.helpers.dispatch(job)?;
-        let r0 = rank_denoise(
-            &self.transformer,
-            tp.rank0.as_ref(),
-            &self.scheduler,
-            Some((embeds, noise)),
-            RankLoop {
-                cfg,
-                steps,
-                guidance,
-            },
-            Some(observer),
-        );
-        if let Err(e) = &r0 {
-            if !matches!(e, ModelError::Cancelled { .. }) {
-                tp.rank0.abort(&e.to_string());
-            }
-        }
-        let rest = pending.wait();
-        let failed = |e: Option<&ModelError>| matches!(e, Some(e) if !matches!(e, ModelError::Cancelled { .. }));
-        if failed(r0.as_ref().err()) || failed(rest.as_ref().err()) {
-            match &tp.reset {
-                // Every rank has returned: the in-process group can be cleared and reused.
-                Some(group) => group.reset(),
-                None => *broken = true,
-            }
-        }
-        match (r0, rest) {
-            (Ok(latents), Ok(())) => Ok(latents),
-            (Err(e), _) | (Ok(_), Err(e)) => Err(e),
-        }
+        let embeds = PromptEmbeds::from_conditioning(cond)?;
+        self.denoise_embeds(&embeds, noise, req.steps, req.guidance, observer)
     }
 
-    /// Stage 3: decode latents to an f32 image in [0, 1] at the requested size.
-    pub fn decode(&self, latents: &Tensor, plan: &SizePlan) -> Result<Tensor> {
+    fn decode(&self, latents: &Tensor, plan: &SizePlan) -> Result<Tensor> {
         let _span = tracing::info_span!("decode").entered();
-        let z = latents.to_dtype(self.vae.dtype())?;
-        let mut image = self.vae.decode_latents(&z)?.to_dtype(DType::F32)?;
+        self.stages.require(Stage::Vae)?;
+        let Some(vae) = &self.vae else {
+            return Err(ModelError::invalid("stage", "VAE not loaded"));
+        };
+        let z = latents.to_device(&self.device)?.to_dtype(vae.dtype())?;
+        let mut image = vae.decode_latents(&z)?.to_dtype(DType::F32)?;
         if (plan.gen_height, plan.gen_width) != (plan.height, plan.width) {
             image = resize_and_crop(&image, plan.height, plan.width)?;
         }
         Ok(((image / 2.0)? + 0.5)?.clamp(0f32, 1f32)?)
-    }
-
-    /// Runs the whole pipeline for one request.
-    pub fn generate(
-        &self,
-        req: &GenerateRequest,
-        observer: &mut dyn StepObserver,
-    ) -> Result<Generated> {
-        let plan = self.validate(req)?;
-        let noise = self.initial_noise(req, &plan)?;
-        let embeds = self.encode_prompt(&req.prompt, &req.negative_prompt, req.guidance)?;
-        let latents = self.denoise(&embeds, &noise, req.steps, req.guidance, observer)?;
-        let image = self.decode(&latents, &plan)?;
-        Ok(Generated {
-            latents,
-            image,
-            size: plan,
-            scheduler: self.scheduler_name.clone(),
-        })
     }
 }
 
@@ -554,24 +531,6 @@ fn denoise_loop(
 
 // ------------------------------------------------------------------ tensor parallelism
 
-/// One helper rank of a tensor-parallel denoiser: its shard and its collective.
-struct DenoiserRank {
-    transformer: PixArtTransformer,
-    collective: Arc<dyn Collective>,
-}
-
-/// Ranks `1..N` of a tensor-parallel denoiser; rank 0 is [`PixArtSigmaPipeline`]'s own
-/// transformer, run on the caller's thread.
-struct TensorParallel {
-    helpers: RankThreads<DenoiserRank>,
-    rank0: Arc<dyn Collective>,
-    /// The in-process group, cleared after a failed job; `None` for NCCL, whose
-    /// communicators cannot be reused after an abort.
-    reset: Option<InProcessCollective>,
-    /// Held while a loop runs; `true` once the group is unusable.
-    busy: Mutex<bool>,
-}
-
 /// The scalar settings of a loop, the same on every rank.
 #[derive(Debug, Clone, Copy)]
 struct RankLoop {
@@ -580,37 +539,30 @@ struct RankLoop {
     guidance: f64,
 }
 
-/// One rank's part of a tensor-parallel loop. Rank 0 passes the job's embeddings and noise
-/// and the observer, and broadcasts them; the other ranks pass `None` and receive them.
+/// One rank's loop. Rank 0 passes the job's embeddings and noise and the observer, and
+/// shares them with the other ranks, which pass `None`; without tensor parallelism
+/// (`coll == None`) this is the plain loop.
 fn rank_denoise(
     transformer: &PixArtTransformer,
-    coll: &dyn Collective,
+    coll: Option<&dyn Collective>,
     scheduler_dir: &ComponentFolder,
     job: Option<(&PromptEmbeds, &Tensor)>,
     settings: RankLoop,
     mut observer: Option<&mut dyn StepObserver>,
 ) -> Result<Tensor> {
     let dev = transformer.device();
-    let embeds = broadcast_from(coll, job.map(|(e, _)| &e.embeds), 0, dev)?;
-    let mask = broadcast_from(coll, job.map(|(e, _)| &e.mask), 0, dev)?;
-    let noise = broadcast_from(coll, job.map(|(_, n)| n), 0, dev)?;
     let embeds = PromptEmbeds {
-        embeds,
-        mask,
+        embeds: share_from_rank0(coll, job.map(|(e, _)| &e.embeds), dev)?,
+        mask: share_from_rank0(coll, job.map(|(e, _)| &e.mask), dev)?,
         cfg: settings.cfg,
     };
+    let noise = share_from_rank0(coll, job.map(|(_, n)| n), dev)?;
     let mut on_step = |e: StepEvent| -> Result<ControlFlow<()>> {
         let stop = match observer.as_mut() {
             Some(o) => o.on_step(e).is_break(),
             None => false,
         };
-        let flag = Tensor::new(&[u32::from(stop)], dev)?;
-        let agreed = coll.broadcast(&flag, 0)?.to_vec1::<u32>()?;
-        Ok(if agreed.first() == Some(&1) {
-            ControlFlow::Break(())
-        } else {
-            ControlFlow::Continue(())
-        })
+        agree_on_stop(coll, stop, dev)
     };
     denoise_loop(
         transformer,
@@ -621,132 +573,4 @@ fn rank_denoise(
         settings.guidance,
         &mut on_step,
     )
-}
-
-/// The devices of the ranks: all the CPU, or consecutive GPUs from `device`'s.
-fn rank_devices(device: &Device, n: usize) -> Result<Vec<Device>> {
-    match device.location() {
-        DeviceLocation::Cpu => Ok(vec![Device::Cpu; n]),
-        DeviceLocation::Cuda { gpu_id } => {
-            let mut devices = vec![device.clone()];
-            for r in 1..n {
-                devices.push(Device::new_cuda(gpu_id + r).map_err(|e| {
-                    ModelError::invalid(
-                        "tensor parallel",
-                        format!("rank {r} needs GPU {} ({e}); use fewer ranks", gpu_id + r),
-                    )
-                })?);
-            }
-            Ok(devices)
-        }
-        other => Err(ModelError::invalid(
-            "tensor parallel",
-            format!("not available on {other:?}: use the CPU or CUDA GPUs"),
-        )),
-    }
-}
-
-type Collectives = (Vec<Arc<dyn Collective>>, Option<InProcessCollective>);
-
-/// One collective per rank: threads of this process on the CPU, NCCL on GPUs.
-fn make_collectives(devices: &[Device]) -> Result<Collectives> {
-    if devices.iter().all(|d| d.is_cpu()) {
-        let group = InProcessCollective::group(devices.len())?;
-        let reset = group.first().cloned();
-        let group = group
-            .into_iter()
-            .map(|c| Arc::new(c) as Arc<dyn Collective>)
-            .collect();
-        return Ok((group, reset));
-    }
-    nccl_collectives(devices)
-}
-
-#[cfg(feature = "nccl")]
-fn nccl_collectives(devices: &[Device]) -> Result<Collectives> {
-    use crate::parallel::{NcclCollective, NcclId};
-    let id = NcclId::new()?;
-    let n = devices.len();
-    let comms = devices
-        .iter()
-        .enumerate()
-        .map(|(r, d)| NcclCollective::start(d, r, n, &id))
-        .collect::<Result<Vec<_>>>()?;
-    for c in &comms {
-        c.wait_ready()?;
-    }
-    Ok((
-        comms
-            .into_iter()
-            .map(|c| Arc::new(c) as Arc<dyn Collective>)
-            .collect(),
-        None,
-    ))
-}
-
-#[cfg(not(feature = "nccl"))]
-fn nccl_collectives(_devices: &[Device]) -> Result<Collectives> {
-    Err(ModelError::invalid(
-        "tensor parallel",
-        "GPU ranks need NCCL: build relayfarm with `--features cuda`",
-    ))
-}
-
-/// Loads the denoiser: whole, or rank 0's shard here and ranks `1..N` on their threads (all
-/// loading at the same time, each reading only its slices).
-fn load_denoiser(
-    tr: &ComponentFolder,
-    opts: &PipelineOptions,
-) -> Result<(PixArtTransformer, Option<TensorParallel>)> {
-    let n = opts.tensor_parallel.max(1);
-    if n == 1 {
-        let t = PixArtTransformer::load(tr, opts.dtype, &opts.device, &opts.transformer)?;
-        return Ok((t, None));
-    }
-    let devices = rank_devices(&opts.device, n)?;
-    let (collectives, reset) = make_collectives(&devices)?;
-    let (comp, dtype, topts) = (tr.clone(), opts.dtype, opts.transformer.clone());
-    let (helper_devices, helper_colls) = (devices.clone(), collectives.clone());
-    let abort: RankAbort<DenoiserRank> = Arc::new(|r, why| r.collective.abort(why));
-    let helpers = RankThreads::spawn(
-        1..n,
-        "denoiser",
-        move |rank| {
-            let collective = helper_colls[rank].clone();
-            let transformer = PixArtTransformer::load_sharded(
-                &comp,
-                dtype,
-                &helper_devices[rank],
-                None,
-                &topts,
-                collective.clone(),
-            )?;
-            Ok(DenoiserRank {
-                transformer,
-                collective,
-            })
-        },
-        abort,
-    )?;
-    let rank0 = collectives[0].clone();
-    let t0 = PixArtTransformer::load_sharded(
-        tr,
-        opts.dtype,
-        &devices[0],
-        None,
-        &opts.transformer,
-        rank0.clone(),
-    );
-    let ready = helpers.wait_ready();
-    let t0 = t0?;
-    ready?;
-    Ok((
-        t0,
-        Some(TensorParallel {
-            helpers,
-            rank0,
-            reset,
-            busy: Mutex::new(false),
-        }),
-    ))
 }
