@@ -20,7 +20,8 @@ use relayfarm_models::denoiser::pixart::ACCEPTED_CLASSES;
 use relayfarm_models::denoiser::{PixArtOptions, PixArtTransformer};
 use relayfarm_models::parallel::{Collective, InProcessCollective, WeightFootprint};
 use relayfarm_models::pipeline::{
-    DiffusionPipeline, GenerateRequest, PipelineOptions, PixArtSigmaPipeline, StepEvent,
+    DiffusionPipeline, GenerateRequest, PipelineOptions, PixArtSigmaPipeline, Stage, StageSet,
+    StepEvent,
 };
 use relayfarm_models::{ModelError, RunDtype};
 
@@ -343,4 +344,40 @@ fn pipeline_tp2_and_tp4_give_the_plain_final_latents() {
     let e4 = rel_err(&got4, &plain4);
     println!("pipeline (4 heads) TP 4 vs TP 1 final latents: {e4:.2e} (max abs / std)");
     assert!(e4 <= 1e-5, "{e4}");
+}
+
+/// Ranks in separate "processes": each rank is its own pipeline holding only its denoiser
+/// shard and one collective of a group (threads stand in for processes; the collective is the
+/// only thing they share). Rank 0 leads; rank 1 follows until told to stop.
+#[test]
+fn ranks_in_separate_pipelines_follow_rank_0() {
+    let (req, _) = nonsquare_request();
+    let plain = final_latents(&load_pipeline(&tiny(), 1), &req);
+    let group = InProcessCollective::group(2).unwrap();
+    let folder = PipelineFolder::open(tiny()).unwrap();
+    let opts = |c: &InProcessCollective, stages| PipelineOptions {
+        collective: Some(Arc::new(c.clone()) as Arc<dyn Collective>),
+        stages,
+        ..PipelineOptions::cpu(RunDtype::F32)
+    };
+    let f1 = folder.clone();
+    let o1 = opts(&group[1], StageSet::only(Stage::Denoiser));
+    let follower = std::thread::spawn(move || {
+        let p = PixArtSigmaPipeline::load(&f1, &o1).unwrap();
+        let mut loops = 0;
+        while p.follow_denoise().unwrap() {
+            loops += 1;
+        }
+        loops
+    });
+    let lead = PixArtSigmaPipeline::load(&folder, &opts(&group[0], StageSet::all())).unwrap();
+    assert_eq!(lead.tensor_parallel(), 2);
+    let a = final_latents(&lead, &req);
+    let b = final_latents(&lead, &req);
+    lead.stop_followers().unwrap();
+    assert_eq!(follower.join().unwrap(), 2);
+    let e = rel_err(&a, &plain);
+    println!("cross-pipeline TP 2 vs TP 1 final latents: {e:.2e} (max abs / std)");
+    assert!(e <= 1e-5, "{e}");
+    assert_eq!(rel_err(&b, &a), 0.0);
 }

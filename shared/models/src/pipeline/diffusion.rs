@@ -141,6 +141,24 @@ pub trait DiffusionPipeline: Send + Sync {
         observer: &mut dyn StepObserver,
     ) -> Result<Tensor>;
 
+    /// On a rank > 0 of a denoiser that spans processes ([`PipelineOptions::collective`]):
+    /// takes part in the next denoising loop that rank 0 leads. Returns `Ok(false)` when rank
+    /// 0 has called [`DiffusionPipeline::stop_followers`].
+    fn follow_denoise(&self) -> Result<bool> {
+        Err(ModelError::invalid(
+            "tensor parallel",
+            format!(
+                "{} does not support denoiser ranks in separate processes yet",
+                self.info().class
+            ),
+        ))
+    }
+
+    /// On rank 0 of a denoiser that spans processes: tells the other ranks to stop following.
+    fn stop_followers(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// Stage 3 (VAE): decodes final latents to an f32 image in `[0, 1]`, `[1, 3, H, W]`, at
     /// the requested (output) size.
     fn decode(&self, latents: &Tensor, plan: &SizePlan) -> Result<Tensor>;

@@ -42,6 +42,11 @@ pub struct PipelineOptions {
     /// The stages whose weights this process loads (all by default). Configs of every
     /// component are always read, so requests can be validated anywhere.
     pub stages: StageSet,
+    /// This process is one rank of a tensor-parallel denoiser that spans processes (ranks
+    /// formed through the coordinator's rendezvous): the denoiser loads only this rank's
+    /// slices. Rank 0 runs [`DiffusionPipeline::denoise`]; the others call
+    /// [`DiffusionPipeline::follow_denoise`]. Overrides `tensor_parallel`.
+    pub collective: Option<std::sync::Arc<dyn crate::parallel::Collective>>,
     /// A scheduler to use instead of the checkpoint's (e.g. `dpm++-karras`); see
     /// [`crate::scheduler::with_override`].
     pub scheduler: Option<String>,
@@ -58,6 +63,7 @@ impl PipelineOptions {
             transformer: PixArtOptions::default(),
             tensor_parallel: 1,
             stages: StageSet::all(),
+            collective: None,
             scheduler: None,
         }
     }

@@ -158,27 +158,39 @@ impl PixArtSigmaPipeline {
             let _span = tracing::info_span!("load", stage = "denoiser").entered();
             let (comp, dtype, topts) = (tr.clone(), opts.dtype, opts.transformer.clone());
             let variant = opts.variant.clone();
-            Some(DenoiserGroup::load(
-                device,
-                opts.tensor_parallel,
-                move |dev, coll| match coll {
-                    None => PixArtTransformer::load_variant(
-                        &comp,
-                        dtype,
-                        dev,
-                        variant.as_deref(),
-                        &topts,
-                    ),
-                    Some(c) => PixArtTransformer::load_sharded(
-                        &comp,
-                        dtype,
-                        dev,
-                        variant.as_deref(),
-                        &topts,
-                        c,
-                    ),
-                },
-            )?)
+            if let Some(c) = &opts.collective {
+                let t = PixArtTransformer::load_sharded(
+                    &tr,
+                    opts.dtype,
+                    device,
+                    opts.variant.as_deref(),
+                    &opts.transformer,
+                    c.clone(),
+                )?;
+                Some(DenoiserGroup::external(t, c.clone()))
+            } else {
+                Some(DenoiserGroup::load(
+                    device,
+                    opts.tensor_parallel,
+                    move |dev, coll| match coll {
+                        None => PixArtTransformer::load_variant(
+                            &comp,
+                            dtype,
+                            dev,
+                            variant.as_deref(),
+                            &topts,
+                        ),
+                        Some(c) => PixArtTransformer::load_sharded(
+                            &comp,
+                            dtype,
+                            dev,
+                            variant.as_deref(),
+                            &topts,
+                            c,
+                        ),
+                    },
+                )?)
+            }
         } else {
             None
         };
@@ -371,29 +383,34 @@ impl PixArtSigmaPipeline {
         observer: &mut dyn StepObserver,
     ) -> Result<Tensor> {
         let _span = tracing::info_span!("denoise", steps).entered();
-        self.stages.require(Stage::Denoiser)?;
-        let Some(group) = &self.denoiser else {
-            return Err(ModelError::invalid("stage", "denoiser not loaded"));
-        };
+        let group = self.denoiser()?;
         let settings = RankLoop {
+            go: true,
             cfg: embeds.cfg,
             steps,
             guidance,
         };
         let sched = self.scheduler.clone();
-        let helper: HelperJob<PixArtTransformer> = Arc::new(move |t, coll| {
-            rank_denoise(t, Some(coll), &sched, None, settings, None).map(|_| ())
-        });
-        group.run(helper, |t, coll| {
-            rank_denoise(
-                t,
-                coll,
-                &self.scheduler,
-                Some((embeds, noise)),
-                settings,
-                Some(observer),
-            )
-        })
+        let helper: HelperJob<PixArtTransformer> =
+            Arc::new(move |t, coll| rank_denoise(t, Some(coll), &sched, None, None).map(|_| ()));
+        group
+            .run(helper, |t, coll| {
+                rank_denoise(
+                    t,
+                    coll,
+                    &self.scheduler,
+                    Some((embeds, noise, settings)),
+                    Some(observer),
+                )
+            })?
+            .ok_or_else(|| ModelError::invalid("tensor parallel", "rank 0 returned no latents"))
+    }
+
+    fn denoiser(&self) -> Result<&DenoiserGroup<PixArtTransformer>> {
+        self.stages.require(Stage::Denoiser)?;
+        self.denoiser
+            .as_ref()
+            .ok_or_else(|| ModelError::invalid("stage", "denoiser not loaded"))
     }
 }
 
@@ -448,6 +465,33 @@ impl DiffusionPipeline for PixArtSigmaPipeline {
     ) -> Result<Tensor> {
         let embeds = PromptEmbeds::from_conditioning(cond)?;
         self.denoise_embeds(&embeds, noise, req.steps, req.guidance, observer)
+    }
+
+    fn follow_denoise(&self) -> Result<bool> {
+        let sched = &self.scheduler;
+        let out = self
+            .denoiser()?
+            .follow(|t, coll| rank_denoise(t, Some(coll), sched, None, None))?;
+        Ok(out.is_some())
+    }
+
+    fn stop_followers(&self) -> Result<()> {
+        let group = self.denoiser()?;
+        if group.rank() != 0 || group.ranks() == 1 {
+            return Ok(());
+        }
+        let stop = RankLoop {
+            go: false,
+            cfg: false,
+            steps: 0,
+            guidance: 0.0,
+        };
+        let dev = self.device.clone();
+        let helper: HelperJob<PixArtTransformer> = Arc::new(|_, _| Ok(()));
+        group.run(helper, |_, coll| {
+            share_settings(coll, Some(stop), &dev)?;
+            Ok(())
+        })
     }
 
     fn decode(&self, latents: &Tensor, plan: &SizePlan) -> Result<Tensor> {
@@ -531,32 +575,65 @@ fn denoise_loop(
 
 // ------------------------------------------------------------------ tensor parallelism
 
-/// The scalar settings of a loop, the same on every rank.
+/// The scalar settings of a loop, the same on every rank (rank 0 shares them).
 #[derive(Debug, Clone, Copy)]
 struct RankLoop {
+    /// `false`: no loop, the followers stop.
+    go: bool,
     cfg: bool,
     steps: usize,
     guidance: f64,
 }
 
-/// One rank's loop. Rank 0 passes the job's embeddings and noise and the observer, and
-/// shares them with the other ranks, which pass `None`; without tensor parallelism
-/// (`coll == None`) this is the plain loop.
+/// Rank 0's loop settings on every rank (one small broadcast).
+fn share_settings(
+    coll: Option<&dyn Collective>,
+    settings: Option<RankLoop>,
+    dev: &Device,
+) -> Result<RankLoop> {
+    let Some(c) = coll else {
+        return settings
+            .ok_or_else(|| ModelError::invalid("tensor parallel", "rank 0 has no job settings"));
+    };
+    let v = settings.map_or([0.0; 4], |s| {
+        [
+            f64::from(u8::from(s.go)),
+            f64::from(u8::from(s.cfg)),
+            s.steps as f64,
+            s.guidance,
+        ]
+    });
+    let v = c.broadcast(&Tensor::new(&v, dev)?, 0)?.to_vec1::<f64>()?;
+    Ok(RankLoop {
+        go: v[0] != 0.0,
+        cfg: v[1] != 0.0,
+        steps: v[2] as usize,
+        guidance: v[3],
+    })
+}
+
+/// One rank's loop. Rank 0 passes the job's embeddings, noise and settings and the observer,
+/// and shares them with the other ranks, which pass `None`; without tensor parallelism
+/// (`coll == None`) this is the plain loop. Returns `None` when rank 0 signalled that there is
+/// no loop (followers stop).
 fn rank_denoise(
     transformer: &PixArtTransformer,
     coll: Option<&dyn Collective>,
     scheduler_dir: &ComponentFolder,
-    job: Option<(&PromptEmbeds, &Tensor)>,
-    settings: RankLoop,
+    job: Option<(&PromptEmbeds, &Tensor, RankLoop)>,
     mut observer: Option<&mut dyn StepObserver>,
-) -> Result<Tensor> {
+) -> Result<Option<Tensor>> {
     let dev = transformer.device();
+    let settings = share_settings(coll, job.map(|(_, _, s)| s), dev)?;
+    if !settings.go {
+        return Ok(None);
+    }
     let embeds = PromptEmbeds {
-        embeds: share_from_rank0(coll, job.map(|(e, _)| &e.embeds), dev)?,
-        mask: share_from_rank0(coll, job.map(|(e, _)| &e.mask), dev)?,
+        embeds: share_from_rank0(coll, job.map(|(e, _, _)| &e.embeds), dev)?,
+        mask: share_from_rank0(coll, job.map(|(e, _, _)| &e.mask), dev)?,
         cfg: settings.cfg,
     };
-    let noise = share_from_rank0(coll, job.map(|(_, n)| n), dev)?;
+    let noise = share_from_rank0(coll, job.map(|(_, n, _)| n), dev)?;
     let mut on_step = |e: StepEvent| -> Result<ControlFlow<()>> {
         let stop = match observer.as_mut() {
             Some(o) => o.on_step(e).is_break(),
@@ -573,4 +650,5 @@ fn rank_denoise(
         settings.guidance,
         &mut on_step,
     )
+    .map(Some)
 }

@@ -39,6 +39,8 @@ pub type HelperJob<M> = Arc<dyn Fn(&M, &dyn Collective) -> Result<()> + Send + S
 pub struct DenoiserGroup<M: Send + Sync + 'static> {
     rank0: M,
     helpers: Option<Helpers<M>>,
+    /// Set when this process holds one rank of a group that spans processes.
+    external: Option<Arc<dyn Collective>>,
 }
 
 impl<M: Send + Sync + 'static> DenoiserGroup<M> {
@@ -54,6 +56,7 @@ impl<M: Send + Sync + 'static> DenoiserGroup<M> {
             return Ok(DenoiserGroup {
                 rank0: load(device, None)?,
                 helpers: None,
+                external: None,
             });
         }
         let devices = rank_devices(device, n)?;
@@ -88,11 +91,44 @@ impl<M: Send + Sync + 'static> DenoiserGroup<M> {
                 reset,
                 busy: Mutex::new(false),
             }),
+            external: None,
         })
+    }
+
+    /// One rank of a group whose other ranks are other processes (e.g. a TCP or NCCL
+    /// collective formed through the coordinator's rendezvous): `model` is this rank's shard.
+    /// Rank 0 leads loops with [`DenoiserGroup::run`]; the other ranks join them with
+    /// [`DenoiserGroup::follow`].
+    pub fn external(model: M, collective: Arc<dyn Collective>) -> Self {
+        DenoiserGroup {
+            rank0: model,
+            helpers: None,
+            external: Some(collective),
+        }
+    }
+
+    /// This process's rank in its group (0 unless the group spans processes).
+    pub fn rank(&self) -> usize {
+        self.external.as_ref().map_or(0, |c| c.rank())
+    }
+
+    /// Runs `job` on this process's shard with the cross-process collective (ranks > 0 of an
+    /// external group).
+    pub fn follow<T>(&self, job: impl FnOnce(&M, &dyn Collective) -> Result<T>) -> Result<T> {
+        match &self.external {
+            Some(c) => job(&self.rank0, c.as_ref()),
+            None => Err(ModelError::invalid(
+                "tensor parallel",
+                "this denoiser is not one rank of a cross-process group",
+            )),
+        }
     }
 
     /// Ranks in the group.
     pub fn ranks(&self) -> usize {
+        if let Some(c) = &self.external {
+            return c.world_size();
+        }
         self.helpers
             .as_ref()
             .map(|h| h.threads.ranks().end)
@@ -112,6 +148,21 @@ impl<M: Send + Sync + 'static> DenoiserGroup<M> {
         helper: HelperJob<M>,
         rank0: impl FnOnce(&M, Option<&dyn Collective>) -> Result<T>,
     ) -> Result<T> {
+        if let Some(c) = &self.external {
+            if c.rank() != 0 {
+                return Err(ModelError::invalid(
+                    "tensor parallel",
+                    format!("rank {} follows loops; only rank 0 starts them", c.rank()),
+                ));
+            }
+            let r = rank0(&self.rank0, Some(c.as_ref()));
+            if let Err(e) = &r {
+                if !is_cancel(e) {
+                    c.abort(&e.to_string());
+                }
+            }
+            return r;
+        }
         let Some(h) = &self.helpers else {
             return rank0(&self.rank0, None);
         };
