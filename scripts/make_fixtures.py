@@ -349,9 +349,15 @@ def main():
     transformers.logging.set_verbosity_error()
     diffusers.logging.set_verbosity_error()
 
-    if FIX.exists():
-        shutil.rmtree(FIX)
-    EXP.mkdir(parents=True)
+    # Only this script's outputs: the PixArt folder and the files directly in expected/
+    # (the other models' generators own their own folders beside them).
+    if PIPE_DIR.exists():
+        shutil.rmtree(PIPE_DIR)
+    if EXP.exists():
+        for f in EXP.iterdir():
+            if f.is_file():
+                f.unlink()
+    EXP.mkdir(parents=True, exist_ok=True)
 
     # ---- (a) tokenizer -----------------------------------------------------------------------
     spiece = train_spiece()

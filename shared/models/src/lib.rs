@@ -25,6 +25,7 @@ pub mod pipeline;
 pub mod scheduler;
 pub mod text_encoder;
 pub mod tokenizer;
+pub mod unet;
 pub mod vae;
 
 pub use dtype::RunDtype;

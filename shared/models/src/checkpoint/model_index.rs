@@ -97,6 +97,11 @@ impl PipelineFolder {
         })
     }
 
+    /// The preferred weight variant, if any.
+    pub fn variant(&self) -> Option<&str> {
+        self.variant.as_deref()
+    }
+
     /// Prefers the named weight variant (e.g. `fp16`) for every component.
     pub fn with_variant(mut self, variant: Option<String>) -> Self {
         self.variant = variant;

@@ -7,6 +7,7 @@
 //! per-sample modulation, gated residual adds, linear layers with bias/GELU/residual folded
 //! into the matrix product). Other devices take an equivalent path of candle ops.
 
+pub mod cogview3_plus;
 pub mod kv_compress;
 pub mod pixart;
 

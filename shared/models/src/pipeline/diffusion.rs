@@ -197,7 +197,11 @@ pub trait DiffusionPipeline: Send + Sync {
 }
 
 /// The pipeline classes relayfarm implements.
-pub const SUPPORTED_PIPELINES: &[&str] = &[super::pixart_sigma::PixArtSigmaPipeline::CLASS];
+pub const SUPPORTED_PIPELINES: &[&str] = &[
+    super::pixart_sigma::PixArtSigmaPipeline::CLASS,
+    super::kolors::KolorsPipeline::CLASS,
+    super::cogview3_plus::CogView3PlusPipeline::CLASS,
+];
 
 /// Loads the pipeline in `folder`, choosing the family from `model_index.json`'s class.
 pub fn load_pipeline(
@@ -207,6 +211,12 @@ pub fn load_pipeline(
     use super::pixart_sigma::PixArtSigmaPipeline;
     match folder.pipeline_class() {
         PixArtSigmaPipeline::CLASS => Ok(Box::new(PixArtSigmaPipeline::load(folder, opts)?)),
+        super::kolors::KolorsPipeline::CLASS => {
+            Ok(Box::new(super::kolors::KolorsPipeline::load(folder, opts)?))
+        }
+        super::cogview3_plus::CogView3PlusPipeline::CLASS => Ok(Box::new(
+            super::cogview3_plus::CogView3PlusPipeline::load(folder, opts)?,
+        )),
         other => Err(ModelError::UnknownClass {
             what: "pipeline".into(),
             class: other.to_string(),

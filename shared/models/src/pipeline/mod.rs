@@ -4,7 +4,10 @@
 //! denoise → decode); each stage is a method taking and returning plain tensors.
 
 pub mod aspect_ratio_bins;
+pub mod cogview3_plus;
 pub mod diffusion;
+pub mod kolors;
+pub mod memory;
 pub mod noise;
 pub mod pixart_sigma;
 pub mod resolution;

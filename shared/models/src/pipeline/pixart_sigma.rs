@@ -53,7 +53,8 @@ pub struct PixArtSigmaPipeline {
     transformer_config: PixArtConfig,
     vae: Option<AutoencoderKL>,
     vae_config: AutoencoderKLConfig,
-    scheduler: ComponentFolder,
+    /// The scheduler config that runs (the checkpoint's, or `--scheduler`'s override).
+    scheduler: serde_json::Value,
     device: Device,
 }
 
@@ -204,8 +205,14 @@ impl PixArtSigmaPipeline {
             None
         };
         let sched_dir = folder.component("scheduler", &[])?;
+        let mut sched_config: serde_json::Value = sched_dir.json_file("scheduler_config.json")?;
+        if let Some(name) = &opts.scheduler {
+            sched_config = scheduler::with_override(sched_config, name)?;
+        }
         // Build one scheduler now so a bad scheduler config fails at load, not at the first job.
-        let scheduler_name = scheduler::from_folder(&sched_dir)?.name().to_string();
+        let scheduler_name = scheduler::from_config(sched_config.clone())?
+            .name()
+            .to_string();
         let f = vae_config.downscale_factor();
         let default = transformer_config.sample_size * f;
         let info = PipelineInfo {
@@ -234,7 +241,7 @@ impl PixArtSigmaPipeline {
             transformer_config,
             vae,
             vae_config,
-            scheduler: sched_dir,
+            scheduler: sched_config,
             device: device.clone(),
         })
     }
@@ -514,14 +521,14 @@ impl DiffusionPipeline for PixArtSigmaPipeline {
 /// whether to go on.
 fn denoise_loop(
     transformer: &PixArtTransformer,
-    scheduler_dir: &ComponentFolder,
+    scheduler_config: &serde_json::Value,
     embeds: &PromptEmbeds,
     noise: &Tensor,
     steps: usize,
     guidance: f64,
     on_step: &mut dyn FnMut(StepEvent) -> Result<ControlFlow<()>>,
 ) -> Result<Tensor> {
-    let mut sched = scheduler::from_folder(scheduler_dir)?;
+    let mut sched = scheduler::from_config(scheduler_config.clone())?;
     sched.set_timesteps(steps)?;
     let timesteps = sched.timesteps().to_vec();
     let dt = transformer.dtype();
@@ -619,7 +626,7 @@ fn share_settings(
 fn rank_denoise(
     transformer: &PixArtTransformer,
     coll: Option<&dyn Collective>,
-    scheduler_dir: &ComponentFolder,
+    scheduler_config: &serde_json::Value,
     job: Option<(&PromptEmbeds, &Tensor, RankLoop)>,
     mut observer: Option<&mut dyn StepObserver>,
 ) -> Result<Option<Tensor>> {
@@ -643,7 +650,7 @@ fn rank_denoise(
     };
     denoise_loop(
         transformer,
-        scheduler_dir,
+        scheduler_config,
         &embeds,
         &noise,
         settings.steps,

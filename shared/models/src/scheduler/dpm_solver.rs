@@ -427,7 +427,7 @@ impl DpmSolverConfig {
 /// `torch.linspace(start, end, n, dtype=float32)` bit for bit: the step is computed in f32 and
 /// each value with one fused multiply-add, from the start for the first half and from the end
 /// for the second.
-fn torch_linspace_f32(start: f64, end: f64, n: usize) -> Vec<f32> {
+pub(super) fn torch_linspace_f32(start: f64, end: f64, n: usize) -> Vec<f32> {
     let (s, e) = (start as f32, end as f32);
     if n == 1 {
         return vec![s];
@@ -446,7 +446,7 @@ fn torch_linspace_f32(start: f64, end: f64, n: usize) -> Vec<f32> {
 }
 
 /// diffusers `betas_for_alpha_bar` with the cosine transform (computed in f64, stored in f32).
-fn cosine_betas(n: usize) -> Vec<f32> {
+pub(super) fn cosine_betas(n: usize) -> Vec<f32> {
     let alpha_bar = |t: f64| {
         ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0)
             .cos()
@@ -462,7 +462,7 @@ fn cosine_betas(n: usize) -> Vec<f32> {
 }
 
 /// `torch.cumprod` of an f32 vector on CPU (accumulated in f64, stored in f32).
-fn cumprod_f32(alphas: &[f32]) -> Vec<f32> {
+pub(super) fn cumprod_f32(alphas: &[f32]) -> Vec<f32> {
     let mut acc = 1f64;
     alphas
         .iter()
@@ -474,7 +474,7 @@ fn cumprod_f32(alphas: &[f32]) -> Vec<f32> {
 }
 
 /// diffusers `rescale_zero_terminal_snr`, in f32 like the reference.
-fn rescale_zero_terminal_snr(betas: &[f32]) -> Vec<f32> {
+pub(super) fn rescale_zero_terminal_snr(betas: &[f32]) -> Vec<f32> {
     let alphas: Vec<f32> = betas.iter().map(|b| 1.0 - b).collect();
     let mut sqrt_ac: Vec<f32> = cumprod_f32(&alphas).iter().map(|a| a.sqrt()).collect();
     let (first, last) = match (sqrt_ac.first(), sqrt_ac.last()) {
@@ -495,7 +495,7 @@ fn rescale_zero_terminal_snr(betas: &[f32]) -> Vec<f32> {
 }
 
 /// `np.linspace(start, stop, num)`: `i·step + start`, the last value exactly `stop`.
-fn np_linspace(start: f64, stop: f64, num: usize) -> Vec<f64> {
+pub(super) fn np_linspace(start: f64, stop: f64, num: usize) -> Vec<f64> {
     match num {
         0 => vec![],
         1 => vec![start],
@@ -510,7 +510,7 @@ fn np_linspace(start: f64, stop: f64, num: usize) -> Vec<f64> {
 
 /// `np.arange(start, stop, step)` for float arguments: length `ceil((stop − start)/step)`,
 /// values `start + i·d` with `d = (start + step) − start`, as numpy fills them.
-fn np_arange(start: f64, stop: f64, step: f64) -> Vec<f64> {
+pub(super) fn np_arange(start: f64, stop: f64, step: f64) -> Vec<f64> {
     let len = ((stop - start) / step).ceil();
     // NaN (a zero step) or a non-positive length: empty, as numpy.
     if len.is_nan() || len <= 0.0 {
@@ -529,7 +529,7 @@ fn np_arange(start: f64, stop: f64, step: f64) -> Vec<f64> {
 
 /// diffusers `_sigma_to_t`: the fractional training timestep whose log-σ matches `sigma`
 /// (linear interpolation in the f32 `log_sigmas` table).
-fn sigma_to_t(sigma: f64, log_sigmas: &[f32]) -> f64 {
+pub(super) fn sigma_to_t(sigma: f64, log_sigmas: &[f32]) -> f64 {
     let n = log_sigmas.len();
     let log_sigma = sigma.max(1e-10).ln();
     // argmax of the cumulative count of `log_sigma >= log_sigmas[j]`: the first index where

@@ -28,13 +28,19 @@ pub trait Scheduler: Send {
     ) -> crate::Result<candle_core::Tensor>;
 }
 
+pub mod cogvideox_ddim;
 pub mod dpm_solver;
+pub mod euler_discrete;
 
 use crate::checkpoint::ComponentFolder;
 use crate::{ModelError, Result};
 
 /// The scheduler classes [`from_config`] and [`from_folder`] build.
-pub const SUPPORTED_CLASSES: &[&str] = &[dpm_solver::CLASS_NAME];
+pub const SUPPORTED_CLASSES: &[&str] = &[
+    dpm_solver::CLASS_NAME,
+    euler_discrete::CLASS_NAME,
+    cogvideox_ddim::CLASS_NAME,
+];
 
 /// Builds the scheduler a parsed `scheduler_config.json` names in `_class_name`.
 pub fn from_config(config: serde_json::Value) -> Result<Box<dyn Scheduler>> {
@@ -53,12 +59,91 @@ pub fn from_config(config: serde_json::Value) -> Result<Box<dyn Scheduler>> {
             let cfg = dpm_solver::DpmSolverConfig::from_value(config)?;
             Ok(Box::new(dpm_solver::DpmSolverMultistepScheduler::new(cfg)?))
         }
+        euler_discrete::CLASS_NAME => {
+            let cfg = euler_discrete::EulerDiscreteConfig::from_value(config)?;
+            Ok(Box::new(euler_discrete::EulerDiscreteScheduler::new(cfg)?))
+        }
+        cogvideox_ddim::CLASS_NAME => {
+            let cfg = cogvideox_ddim::CogVideoXDdimConfig::from_value(config)?;
+            Ok(Box::new(cogvideox_ddim::CogVideoXDdimScheduler::new(cfg)?))
+        }
         _ => Err(ModelError::UnknownClass {
             what: "scheduler".to_string(),
             class,
             supported: SUPPORTED_CLASSES.join(", "),
         }),
     }
+}
+
+/// The scheduler names [`with_override`] accepts, with what each one selects.
+pub const OVERRIDE_NAMES: &[(&str, &str)] = &[
+    ("euler", "EulerDiscreteScheduler, use_karras_sigmas=false"),
+    (
+        "euler-karras",
+        "EulerDiscreteScheduler, use_karras_sigmas=true",
+    ),
+    (
+        "dpm++",
+        "DPMSolverMultistepScheduler (DPM-Solver++ 2M), use_karras_sigmas=false",
+    ),
+    (
+        "dpm++-karras",
+        "DPMSolverMultistepScheduler (DPM-Solver++ 2M), use_karras_sigmas=true \
+         (the Kolors docs' recipe: 25 steps, guidance 6.5)",
+    ),
+];
+
+/// Turns a pipeline's scheduler config into the config of another scheduler, like diffusers'
+/// `XScheduler.from_config(pipe.scheduler.config, **overrides)`.
+///
+/// `name` is one of [`OVERRIDE_NAMES`]: `euler`, `euler-karras`, `dpm++`, `dpm++-karras`.
+/// As in diffusers' `extract_init_dict`, every key of `base` is carried over (the training
+/// schedule: `num_train_timesteps`, `beta_*`, `trained_betas`, `prediction_type`,
+/// `timestep_spacing`, `steps_offset`, `rescale_betas_zero_snr`, …); keys the target class
+/// does not know are ignored when it is built (its config structs skip unknown fields), keys
+/// listed in `_use_default_values` and other `_`-prefixed keys are dropped, `_class_name`
+/// becomes the target class, and the overrides of `name` are set last. Settings the source
+/// class has and the target lacks are lost, exactly as in diffusers (e.g. CogVideoXDDIM's
+/// `snr_shift_scale` means nothing to Euler). The result is validated by building it.
+pub fn with_override(base: serde_json::Value, name: &str) -> Result<serde_json::Value> {
+    let (class, karras) = match name {
+        "euler" => (euler_discrete::CLASS_NAME, false),
+        "euler-karras" => (euler_discrete::CLASS_NAME, true),
+        "dpm++" => (dpm_solver::CLASS_NAME, false),
+        "dpm++-karras" => (dpm_solver::CLASS_NAME, true),
+        other => {
+            let names: Vec<String> = OVERRIDE_NAMES
+                .iter()
+                .map(|(n, what)| format!("`{n}` ({what})"))
+                .collect();
+            return Err(ModelError::invalid(
+                "scheduler",
+                format!("unknown scheduler `{other}`; known: {}", names.join(", ")),
+            ));
+        }
+    };
+    let serde_json::Value::Object(mut map) = base else {
+        return Err(ModelError::corrupt(
+            "scheduler_config.json",
+            "the scheduler config is not a JSON object",
+        ));
+    };
+    if let Some(serde_json::Value::Array(defaults)) = map.remove("_use_default_values") {
+        for key in defaults.iter().filter_map(|k| k.as_str()) {
+            map.remove(key);
+        }
+    }
+    map.retain(|k, _| !k.starts_with('_'));
+    map.insert("_class_name".into(), class.into());
+    map.insert("use_karras_sigmas".into(), karras.into());
+    if karras {
+        // Karras excludes the other σ spacings (diffusers raises otherwise).
+        map.remove("use_exponential_sigmas");
+        map.remove("use_beta_sigmas");
+    }
+    let value = serde_json::Value::Object(map);
+    from_config(value.clone())?;
+    Ok(value)
 }
 
 /// Reads `scheduler_config.json` from a component folder and builds the scheduler it names.
