@@ -7,6 +7,7 @@ mod client;
 mod hub;
 mod logging;
 mod render;
+mod stages;
 
 use clap::{Parser, Subcommand};
 
@@ -37,6 +38,8 @@ enum Command {
     Models(client::models::ModelsArgs),
     /// Show one batch's counts, or list recent batches.
     Status(client::status::StatusArgs),
+    /// Show a pipeline's stages with their weight and activation memory for a size.
+    Stages(stages::StagesArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -50,6 +53,7 @@ fn main() -> std::process::ExitCode {
         Command::Cancel(args) => client::cancel::run(args),
         Command::Models(args) => client::models::run(args),
         Command::Status(args) => client::status::run(args),
+        Command::Stages(args) => stages::run(args),
     };
     match result {
         Ok(code) => code,

@@ -806,7 +806,9 @@ pub fn render_job(job: &ClaimedJob) -> crate::runner::RenderJob {
     }
     crate::runner::RenderJob {
         prompt: job.prompt.clone(),
-        negative_prompt: p.negative_prompt,
+        // The queue stores "" for "no negative prompt": leave it to the model's default
+        // (PixArt-Σ and Kolors encode "", CogView3-Plus uses zero embeddings).
+        negative_prompt: p.negative_prompt.filter(|n| !n.is_empty()),
         height: p.height,
         width: p.width,
         steps: p.steps,

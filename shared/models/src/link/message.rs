@@ -140,11 +140,33 @@ pub struct MessageHeader {
     pub cancelled: bool,
 }
 
-/// The header on the wire: the message header and the tensors' names in order.
+/// The header on the wire: the message header and the tensors' names in order (plus their
+/// shapes and dtypes for links that send tensors one by one, like NCCL's).
 #[derive(Serialize, Deserialize)]
-struct WireHeader {
-    header: MessageHeader,
-    names: Vec<String>,
+pub(crate) struct WireHeader {
+    pub(crate) header: MessageHeader,
+    pub(crate) names: Vec<String>,
+    #[serde(default)]
+    pub(crate) shapes: Vec<Vec<usize>>,
+    #[serde(default)]
+    pub(crate) dtypes: Vec<String>,
+}
+
+impl WireHeader {
+    /// The wire header of a message, with every tensor's shape and dtype.
+    #[cfg_attr(not(feature = "nccl"), allow(dead_code))]
+    pub(crate) fn describe(msg: &StageMessage) -> Self {
+        WireHeader {
+            header: msg.header.clone(),
+            names: msg.tensors.iter().map(|(n, _)| n.clone()).collect(),
+            shapes: msg.tensors.iter().map(|(_, t)| t.dims().to_vec()).collect(),
+            dtypes: msg
+                .tensors
+                .iter()
+                .map(|(_, t)| t.dtype().as_str().to_string())
+                .collect(),
+        }
+    }
 }
 
 /// A message between stages; see the module docs.
@@ -319,6 +341,8 @@ impl StageMessage {
         let wire = WireHeader {
             header: self.header.clone(),
             names: self.tensors.iter().map(|(n, _)| n.clone()).collect(),
+            shapes: Vec::new(),
+            dtypes: Vec::new(),
         };
         let header = serde_json::to_vec(&wire)
             .map_err(|e| ModelError::invalid("stage message", format!("header: {e}")))?;

@@ -4,7 +4,8 @@
 //! - [`InProcessLink`]: bounded channels between threads of one process (`relayfarm render
 //!   --split`, tests);
 //! - a gRPC streaming link between CPU processes (in the worker crate, which owns transport);
-//! - NCCL send/recv between GPUs (feature `nccl`), for activations that stay on the device.
+//! - `nccl::NcclLink`: NCCL send/recv between GPUs (feature `nccl`), for activations that
+//!   stay on the device.
 //!
 //! A link is one end of a connection between two stages: the upstream stage `send`s, the
 //! downstream stage `recv`s. Bounded capacity gives backpressure: a fast encoder cannot run
@@ -12,6 +13,8 @@
 
 pub mod in_process;
 pub mod message;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 
 pub use in_process::InProcessLink;
 pub use message::{MessageHeader, MessageKind, RequestHeader, StageMessage};

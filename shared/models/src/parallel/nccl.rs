@@ -101,6 +101,10 @@ enum Op {
     AllReduceSum,
     AllGather,
     Broadcast(usize),
+    /// Point-to-point: send the tensor to this rank (the result is the input).
+    Send(usize),
+    /// Point-to-point: receive a tensor of the input's shape and dtype from this rank.
+    Recv(usize),
 }
 
 /// Host copies of a tensor's elements, in a type NCCL reduces natively.
@@ -292,6 +296,25 @@ impl NcclCollective {
     }
 }
 
+impl NcclCollective {
+    /// This rank.
+    pub fn rank_id(&self) -> usize {
+        self.rank
+    }
+
+    /// Sends `x` to rank `peer`, which must call [`NcclCollective::recv`] with a tensor of
+    /// the same shape and dtype (point-to-point, for stage links between GPUs).
+    pub fn send_to(&self, x: &Tensor, peer: usize) -> Result<()> {
+        self.call(Op::Send(peer), x).map(|_| ())
+    }
+
+    /// Receives from rank `peer` a tensor shaped and typed like `like` (its contents are
+    /// ignored), on `like`'s device.
+    pub fn recv_from(&self, like: &Tensor, peer: usize) -> Result<Tensor> {
+        Ok(self.call(Op::Recv(peer), like)?.reshape(like.dims())?)
+    }
+}
+
 impl Collective for NcclCollective {
     fn rank(&self) -> usize {
         self.rank
@@ -456,9 +479,16 @@ fn host_typed<T: NcclType + DeviceRepr + ValidAsZeroBits>(
         .alloc_zeros::<T>(n)
         .map_err(|e| driver_err("allocation", e))?;
     match op {
-        Op::AllReduceSum => comm.all_reduce(&send, &mut recv, &ReduceOp::Sum),
-        Op::AllGather => comm.all_gather(&send, &mut recv),
-        Op::Broadcast(root) => comm.broadcast(Some(&send), &mut recv, root as i32),
+        Op::AllReduceSum => comm
+            .all_reduce(&send, &mut recv, &ReduceOp::Sum)
+            .map(|_| ()),
+        Op::AllGather => comm.all_gather(&send, &mut recv).map(|_| ()),
+        Op::Broadcast(root) => comm
+            .broadcast(Some(&send), &mut recv, root as i32)
+            .map(|_| ()),
+        // The result of a send is not used (the caller keeps its tensor).
+        Op::Send(peer) => comm.send(&send, peer as i32),
+        Op::Recv(peer) => comm.recv(&mut recv, peer as i32).map(|_| ()),
     }
     .map_err(|e| nccl_err("collective", e))?;
     let out = stream
@@ -491,9 +521,13 @@ mod device {
             .alloc_zeros::<T>(n_out)
             .map_err(|e| super::driver_err("allocation", e))?;
         match op {
-            Op::AllReduceSum => comm.all_reduce(src, &mut recv, &ReduceOp::Sum),
-            Op::AllGather => comm.all_gather(src, &mut recv),
-            Op::Broadcast(root) => comm.broadcast(Some(src), &mut recv, root as i32),
+            Op::AllReduceSum => comm.all_reduce(src, &mut recv, &ReduceOp::Sum).map(|_| ()),
+            Op::AllGather => comm.all_gather(src, &mut recv).map(|_| ()),
+            Op::Broadcast(root) => comm
+                .broadcast(Some(src), &mut recv, root as i32)
+                .map(|_| ()),
+            Op::Send(peer) => comm.send(src, peer as i32),
+            Op::Recv(peer) => comm.recv(&mut recv, peer as i32).map(|_| ()),
         }
         .map_err(|e| nccl_err("collective", e))?;
         Ok(recv)

@@ -1,0 +1,103 @@
+//! `relayfarm stages`: a pipeline's stage graph with per-stage memory, for planning a
+//! replica layout (which stage fits on which device, how many denoiser ranks).
+
+use anyhow::{anyhow, Context, Result};
+use clap::Args;
+use relayfarm_models::checkpoint::PipelineFolder;
+use relayfarm_models::pipeline::memory::stage_estimates;
+use relayfarm_models::pipeline::{load_pipeline, GenerateRequest, PipelineOptions, StageSet};
+use relayfarm_models::RunDtype;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Arguments of `relayfarm stages`.
+#[derive(Args, Debug)]
+pub struct StagesArgs {
+    /// Diffusers pipeline folder (default: the bundled tiny PixArt-Σ).
+    #[arg(long, env = "RELAYFARM_MODEL")]
+    pub model: Option<PathBuf>,
+    /// Image height (default: the model's).
+    #[arg(long)]
+    pub height: Option<u32>,
+    /// Image width (default: the model's).
+    #[arg(long)]
+    pub width: Option<u32>,
+    /// Run dtype.
+    #[arg(long, default_value = "f16", value_parser = ["f32", "f16", "bf16"])]
+    pub dtype: String,
+    /// Tensor-parallel ranks of the denoiser.
+    #[arg(long, default_value_t = 1)]
+    pub tp: usize,
+    /// Prefer this weight variant (e.g. fp16).
+    #[arg(long)]
+    pub variant: Option<String>,
+}
+
+/// Bytes in the largest binary unit that keeps the number ≥ 1.
+fn human(b: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < units.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    format!("{v:.2} {}", units[u])
+}
+
+/// Runs `relayfarm stages`.
+pub fn run(args: StagesArgs) -> Result<ExitCode> {
+    let dir = args
+        .model
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(crate::render::BUNDLED_MODEL));
+    let dtype: RunDtype = args.dtype.parse().map_err(|e: String| anyhow!(e))?;
+    let folder = PipelineFolder::open(&dir)
+        .with_context(|| format!("--model {}", dir.display()))?
+        .with_variant(args.variant.clone());
+    // Configs only: no stage's weights are loaded.
+    let opts = PipelineOptions {
+        stages: StageSet::empty(),
+        variant: args.variant.clone(),
+        ..PipelineOptions::cpu(RunDtype::F32)
+    };
+    let pipeline = load_pipeline(&folder, &opts)?;
+    let info = pipeline.info();
+    let req = GenerateRequest {
+        height: args.height,
+        width: args.width,
+        resolution_binning: false,
+        ..GenerateRequest::new("plan", info.default_steps, info.default_guidance)
+    };
+    let plan = pipeline.validate(&req)?;
+    let est = stage_estimates(&folder, dtype, &plan, info.max_sequence_length, args.tp)?;
+    println!(
+        "{} ({}) at {}×{}, {}, denoiser over {} rank(s):",
+        info.class, info.family, plan.width, plan.height, args.dtype, args.tp
+    );
+    println!(
+        "{:<13} {:<28} {:>14} {:>14} {:>14}",
+        "stage", "components", "parameters", "weights", "activations"
+    );
+    for e in &est {
+        println!(
+            "{:<13} {:<28} {:>14} {:>14} {:>14}",
+            e.stage.name(),
+            e.components.join(","),
+            e.parameters,
+            human(e.weight_bytes),
+            human(e.activation_bytes)
+        );
+    }
+    println!("(weights per device; a tensor-parallel denoiser's per rank)");
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn human_sizes() {
+        assert_eq!(super::human(512), "512.00 B");
+        assert_eq!(super::human(3 << 29), "1.50 GiB");
+    }
+}
