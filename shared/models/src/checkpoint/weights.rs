@@ -2,9 +2,10 @@
 
 use super::read_json;
 use crate::{ModelError, Result, RunDtype};
-use candle_core::Device;
+use candle_core::{Device, Tensor};
 use candle_nn::VarBuilder;
 use std::collections::BTreeSet;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 /// The safetensors files that make up one component's weights.
@@ -27,6 +28,66 @@ impl WeightFiles {
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&self.files, dtype.dtype(), device) }
             .map_err(|e| ModelError::corrupt(&self.files[0], e))?;
         Ok(vb)
+    }
+
+    /// Loads the tensors of a (sharded) safetensors checkpoint that `select` keeps (it returns the
+    /// key to store them under, or `None` to skip), converted to `dtype` on `device`, and returns
+    /// a [`VarBuilder`] over them.
+    ///
+    /// Shards are memory-mapped one at a time; each tensor is converted into its own buffer and
+    /// its pages of the map are then released (`MADV_DONTNEED`), and the map is dropped before the
+    /// next shard. The resident peak is therefore the converted weights plus about one tensor.
+    pub fn lean_var_builder(
+        &self,
+        dtype: RunDtype,
+        device: &Device,
+        select: impl Fn(&str) -> Option<String>,
+    ) -> Result<VarBuilder<'static>> {
+        use candle_core::safetensors::Load;
+        let target = dtype.dtype();
+        let mut tensors: HashMap<String, Tensor> = HashMap::new();
+        for path in &self.files {
+            let file = std::fs::File::open(path).map_err(|e| ModelError::corrupt(path, e))?;
+            // SAFETY: read-only map of a checkpoint file that relayfarm never writes.
+            let mmap =
+                unsafe { memmap2::Mmap::map(&file) }.map_err(|e| ModelError::corrupt(path, e))?;
+            let st = safetensors::SafeTensors::deserialize(&mmap).map_err(|e| {
+                ModelError::corrupt(
+                    path,
+                    format!("not a valid safetensors file ({e}); the download is probably truncated or corrupt: download it again"),
+                )
+            })?;
+            let mut names: Vec<(String, String)> = st
+                .names()
+                .into_iter()
+                .filter_map(|n| select(n).map(|k| (n.to_string(), k)))
+                .collect();
+            names.sort();
+            for (name, key) in names {
+                let view = st.tensor(&name).map_err(|e| ModelError::corrupt(path, e))?;
+                let t = view
+                    .load(&Device::Cpu)
+                    .map_err(|e| ModelError::corrupt(path, format!("tensor {name}: {e}")))?
+                    .to_dtype(target)?
+                    .to_device(device)?;
+                #[cfg(unix)]
+                {
+                    let data = view.data();
+                    let offset = data.as_ptr() as usize - mmap.as_ptr() as usize;
+                    // SAFETY: a read-only, file-backed private map: dropped pages are read back
+                    // from the unchanged file if touched again.
+                    let _ = unsafe {
+                        mmap.unchecked_advise_range(
+                            memmap2::UncheckedAdvice::DontNeed,
+                            offset,
+                            data.len(),
+                        )
+                    };
+                }
+                tensors.insert(key, t);
+            }
+        }
+        Ok(VarBuilder::from_tensors(tensors, target, device))
     }
 }
 

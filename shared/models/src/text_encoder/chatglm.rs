@@ -29,12 +29,11 @@
 //! Keys may carry the `transformer.` prefix of THUDM's `ChatGLMForConditionalGeneration`
 //! checkpoints.
 
-use crate::checkpoint::{ComponentFolder, WeightFiles};
+use crate::checkpoint::ComponentFolder;
 use crate::nn::attention::scaled_dot_product_attention;
 use crate::{ModelError, Result, RunDtype};
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{Linear, VarBuilder};
-use std::collections::HashMap;
 
 fn d_num_layers() -> usize {
     28
@@ -462,7 +461,8 @@ impl ChatGlmEncoder {
     }
 
     /// Loads the `text_encoder/` component (`config.json` and its single or sharded
-    /// safetensors; `variant` e.g. `fp16` as Kolors ships it) with [`load_lean_var_builder`]:
+    /// safetensors; `variant` e.g. `fp16` as Kolors ships it) with
+    /// [`crate::checkpoint::WeightFiles::lean_var_builder`]:
     /// only the tensors the encoder uses, shard by shard.
     pub fn load(
         component: &ComponentFolder,
@@ -473,7 +473,7 @@ impl ChatGlmEncoder {
         let cfg: ChatGlmConfig = component.config()?;
         cfg.validate()?;
         let files = component.weight_files(variant)?;
-        let vb = load_lean_var_builder(&files, dtype, device, |name| {
+        let vb = files.lean_var_builder(dtype, device, |name| {
             let name = name.strip_prefix(HF_PREFIX).unwrap_or(name);
             let used = name.starts_with("embedding.word_embeddings.")
                 || name.starts_with("encoder.layers.");
@@ -605,66 +605,6 @@ impl ChatGlmEncoder {
             pooled: pooled.to_dtype(self.dtype)?,
         })
     }
-}
-
-/// Loads the tensors of a (sharded) safetensors checkpoint that `select` keeps (it returns the
-/// key to store them under, or `None` to skip), converted to `dtype` on `device`, and returns
-/// a [`VarBuilder`] over them.
-///
-/// Shards are memory-mapped one at a time; each tensor is converted into its own buffer and
-/// its pages of the map are then released (`MADV_DONTNEED`), and the map is dropped before the
-/// next shard. The resident peak is therefore the converted weights plus about one tensor.
-pub fn load_lean_var_builder(
-    files: &WeightFiles,
-    dtype: RunDtype,
-    device: &Device,
-    select: impl Fn(&str) -> Option<String>,
-) -> Result<VarBuilder<'static>> {
-    use candle_core::safetensors::Load;
-    let target = dtype.dtype();
-    let mut tensors: HashMap<String, Tensor> = HashMap::new();
-    for path in &files.files {
-        let file = std::fs::File::open(path).map_err(|e| ModelError::corrupt(path, e))?;
-        // SAFETY: read-only map of a checkpoint file that relayfarm never writes.
-        let mmap =
-            unsafe { memmap2::Mmap::map(&file) }.map_err(|e| ModelError::corrupt(path, e))?;
-        let st = safetensors::SafeTensors::deserialize(&mmap).map_err(|e| {
-            ModelError::corrupt(
-                path,
-                format!("not a valid safetensors file ({e}); the download is probably truncated or corrupt: download it again"),
-            )
-        })?;
-        let mut names: Vec<(String, String)> = st
-            .names()
-            .into_iter()
-            .filter_map(|n| select(n).map(|k| (n.to_string(), k)))
-            .collect();
-        names.sort();
-        for (name, key) in names {
-            let view = st.tensor(&name).map_err(|e| ModelError::corrupt(path, e))?;
-            let t = view
-                .load(&Device::Cpu)
-                .map_err(|e| ModelError::corrupt(path, format!("tensor {name}: {e}")))?
-                .to_dtype(target)?
-                .to_device(device)?;
-            #[cfg(unix)]
-            {
-                let data = view.data();
-                let offset = data.as_ptr() as usize - mmap.as_ptr() as usize;
-                // SAFETY: a read-only, file-backed private map: dropped pages are read back
-                // from the unchanged file if touched again.
-                let _ = unsafe {
-                    mmap.unchecked_advise_range(
-                        memmap2::UncheckedAdvice::DontNeed,
-                        offset,
-                        data.len(),
-                    )
-                };
-            }
-            tensors.insert(key, t);
-        }
-    }
-    Ok(VarBuilder::from_tensors(tensors, target, device))
 }
 
 #[cfg(test)]

@@ -832,7 +832,10 @@ impl UNet2DConditionModel {
     ) -> Result<Self> {
         Self::check_class(component)?;
         let cfg: UNet2DConditionConfig = component.config()?;
-        let vb = component.var_builder(dtype, device, variant)?;
+        // Tensor by tensor, releasing each one's mapped pages once converted: the 2.6B Kolors
+        // UNet (one 5 GB fp16 file) never holds the file and the weights at the same time.
+        let files = component.weight_files(variant)?;
+        let vb = files.lean_var_builder(dtype, device, |name| Some(name.to_string()))?;
         Self::new(&cfg, vb)
     }
 
