@@ -236,6 +236,20 @@ impl ShardedWeights {
         name: &str,
         dim: Option<usize>,
     ) -> Result<Tensor> {
+        self.get_split_chunks(shape, name, dim, 1)
+    }
+
+    /// Like [`ShardedWeights::get_split`] for a tensor whose dimension `dim` holds `chunks`
+    /// equal blocks that are split alike (e.g. GEGLU's `[hidden; gate]` projection): this
+    /// rank's slice of each block, concatenated in block order. Only those slices are read.
+    pub fn get_split_chunks(
+        &self,
+        shape: impl Into<Shape>,
+        name: &str,
+        dim: Option<usize>,
+        chunks: usize,
+    ) -> Result<Tensor> {
+        let chunks = chunks.max(1);
         let full_name = self.path(name);
         let want: Shape = shape.into();
         let view = self.mapped.st.get(&full_name)?;
@@ -267,16 +281,29 @@ impl ShardedWeights {
                 format!("{full_name}: cannot split dimension {dim} of {dims:?}"),
             ));
         }
-        let range = self.shard.range(dims[dim], &full_name)?;
+        if dims[dim] % chunks != 0 {
+            return Err(ModelError::invalid(
+                "tensor parallel",
+                format!("{full_name}: dimension {dim} of {dims:?} is not {chunks} equal blocks"),
+            ));
+        }
+        let block = dims[dim] / chunks;
+        let range = self.shard.range(block, &full_name)?;
         let outer: usize = dims[..dim].iter().product();
         let inner_bytes: usize =
             dims[dim + 1..].iter().product::<usize>() * file_dtype.size_in_bytes();
         let row_bytes = dims[dim] * inner_bytes;
+        let block_bytes = block * inner_bytes;
         let (lo, hi) = (range.start * inner_bytes, range.end * inner_bytes);
         let mut out_dims = dims.clone();
-        out_dims[dim] = range.len();
+        out_dims[dim] = range.len() * chunks;
         let ranges: Vec<Range<usize>> = (0..outer)
-            .map(|o| o * row_bytes + lo..o * row_bytes + hi)
+            .flat_map(|o| {
+                (0..chunks).map(move |c| {
+                    let base = o * row_bytes + c * block_bytes;
+                    base + lo..base + hi
+                })
+            })
             .collect();
         let t = from_byte_ranges(data, &ranges, file_dtype, &out_dims, &self.device)?;
         Ok(t.to_dtype(self.dtype)?)

@@ -140,18 +140,10 @@ impl<'a> WeightSource<'a> {
             }
             WeightSource::Shard(sw) => sw,
         };
-        let shard = sw.shard();
-        let block = out_dim / chunks.max(1);
-        let range = shard.range(block, "GEGLU projection (each half)")?;
-        let take = |t: Tensor| -> Result<Tensor> {
-            let parts = (0..chunks)
-                .map(|c| t.narrow(0, c * block + range.start, range.len()))
-                .collect::<candle_core::Result<Vec<_>>>()?;
-            Ok(Tensor::cat(&parts, 0)?.contiguous()?)
-        };
-        let w = take(sw.get((out_dim, in_dim), "weight")?)?;
+        // Only this rank's rows of each block are read from the checkpoint.
+        let w = sw.get_split_chunks((out_dim, in_dim), "weight", Some(0), chunks)?;
         let b = if bias {
-            Some(take(sw.get(out_dim, "bias")?)?)
+            Some(sw.get_split_chunks(out_dim, "bias", Some(0), chunks)?)
         } else {
             None
         };
