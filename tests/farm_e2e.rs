@@ -208,13 +208,19 @@ impl Farm {
     }
 
     fn start_worker(&mut self) {
+        self.start_worker_with(&[("tiny", tiny_model())]);
+    }
+
+    /// Starts a worker serving `models` (name, folder).
+    fn start_worker_with(&mut self, models: &[(&str, PathBuf)]) {
         let i = self.workers.len();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_relayfarm-worker"));
+        for (name, dir) in models {
+            cmd.args(["--model", &format!("{name}={}", dir.display())]);
+        }
         cmd.args([
             "--coordinator",
             &format!("http://127.0.0.1:{}", self.coord_port),
-            "--model",
-            &format!("tiny={}", tiny_model().display()),
             "--results",
             self.dir.join("results").to_str().unwrap(),
             "--worker-id",
@@ -598,4 +604,112 @@ fn worker_stops_cleanly_on_sigterm() {
         matches!(status, Some(s) if s.success()),
         "worker exit on SIGTERM: {status:?}"
     );
+}
+
+/// A worker serves every model family; each farm image equals the embedded `relayfarm render`
+/// of the same prompt, seed, size and steps, pixel for pixel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_family_is_served_and_matches_the_embedded_render() {
+    let fixtures = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures"));
+    let models = [
+        ("pixart", fixtures.join("pixart-sigma-tiny"), "pixart-sigma"),
+        (
+            "cogview3",
+            fixtures.join("cogview3-plus-tiny"),
+            "cogview3-plus",
+        ),
+        ("kolors", fixtures.join("kolors-tiny"), "kolors"),
+    ];
+    let mut farm = Farm::new("families");
+    farm.start_redis();
+    farm.start_coordinator();
+    let served: Vec<(&str, PathBuf)> = models.iter().map(|(n, d, _)| (*n, d.clone())).collect();
+    farm.start_worker_with(&served);
+    let t0 = Instant::now();
+    loop {
+        let mut c = farm.client().await;
+        let listed = c
+            .list_models(ListModelsRequest {})
+            .await
+            .map(|r| r.into_inner().models)
+            .unwrap_or_default();
+        let all = models.iter().all(|(name, _, family)| {
+            listed
+                .iter()
+                .any(|m| m.name == *name && m.family == *family && m.workers >= 1)
+        });
+        if all {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "models not registered ({listed:?}); logs in {}",
+            farm.dir.display()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for (name, dir, _) in &models {
+        let text = format!("a lighthouse at dusk, painted for {name}");
+        let items = vec![
+            SubmitBatchRequest {
+                item: Some(submit_batch_request::Item::Header(BatchHeader {
+                    model: name.to_string(),
+                    defaults: Some(RenderParams {
+                        steps: Some(2),
+                        height: Some(64),
+                        width: Some(64),
+                        seed: Some(7),
+                        ..Default::default()
+                    }),
+                    no_resolution_binning: true,
+                    ..Default::default()
+                })),
+            },
+            prompt(&text),
+        ];
+        let mut c = farm.client().await;
+        let batch = submit(&mut c, items).await.unwrap();
+        check_exactly_once(&farm, &batch, 1).await;
+        let farm_png = std::fs::read_dir(farm.dir.join("results").join(&batch))
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|x| x == "png"))
+            .unwrap();
+        let local = farm.dir.join(format!("{name}-embedded.png"));
+        let out = Command::new(env!("CARGO_BIN_EXE_relayfarm"))
+            .args([
+                "render",
+                "--model",
+                dir.to_str().unwrap(),
+                "--prompt",
+                &text,
+                "--steps",
+                "2",
+                "--height",
+                "64",
+                "--width",
+                "64",
+                "--seed",
+                "7",
+                "--no-resolution-binning",
+                "--quiet",
+                "--output",
+                local.to_str().unwrap(),
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let a = image::open(&farm_png).unwrap().to_rgb8();
+        let b = image::open(&local).unwrap().to_rgb8();
+        assert_eq!(a.dimensions(), (64, 64));
+        assert!(
+            a == b,
+            "{name}: the farm's image differs from the embedded render"
+        );
+    }
 }
