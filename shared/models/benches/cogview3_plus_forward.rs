@@ -6,7 +6,8 @@
 //! condition 256, patch 2, 16 channels in and out), weights `N(0, 0.02²)` generated in-process
 //! (about 2.85 B parameters, 11.4 GB in f32). Input: a 64×64 latent (512×512 px) in a batch of
 //! 2 (CFG), 224 text tokens, f32. One warm-up forward, then `BENCH_ITERS` (default 1) timed
-//! ones. Prints one JSON line `cogview3_plus_3b_512_b2_forward` with the median wall time and
+//! ones. `BENCH_LAYERS=n` keeps only the first `n` blocks (quick, repeatable comparisons on a
+//! busy machine; the blocks are ~99% of the time). Prints one JSON line `cogview3_plus_3b_512_b2_forward` with the median wall time and
 //! the CPU time (all threads) per forward.
 //!
 //! Compare with `/work/venv/bin/python scripts/bench_cogview3_plus_reference.py` (run them one
@@ -63,7 +64,13 @@ fn main() -> anyhow::Result<()> {
         .unwrap_or(1)
         .max(1);
     let dev = Device::Cpu;
-    let cfg = CogView3PlusConfig::cogview3_plus_3b();
+    let mut cfg = CogView3PlusConfig::cogview3_plus_3b();
+    if let Some(n) = std::env::var("BENCH_LAYERS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+    {
+        cfg.num_layers = n;
+    }
     let t0 = Instant::now();
     let vb = VarBuilder::from_backend(Box::new(RandomWeights), DType::F32, dev.clone());
     let model = CogView3PlusTransformer::new(&cfg, vb)?;
@@ -108,6 +115,7 @@ fn main() -> anyhow::Result<()> {
             "cpu_s_per_run": cpu,
             "threads": rayon::current_num_threads(),
             "weight_bytes": f.total(),
+            "num_layers": cfg.num_layers,
             "shape": "latent [2,16,64,64], text [2,224,4096]",
         })
     );

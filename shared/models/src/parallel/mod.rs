@@ -20,9 +20,11 @@ pub mod group;
 #[cfg(feature = "nccl")]
 pub mod nccl;
 pub mod shard;
+pub mod tcp;
 
 pub use collective::{broadcast_from, Collective, InProcessCollective};
 pub use group::{PendingRanks, RankAbort, RankJob, RankThreads};
 #[cfg(feature = "nccl")]
 pub use nccl::{NcclCollective, NcclId};
 pub use shard::{ShardSpec, ShardedWeights, WeightFootprint};
+pub use tcp::{TcpCollective, TcpRoot};

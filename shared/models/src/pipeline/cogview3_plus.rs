@@ -39,7 +39,9 @@ use super::diffusion::{
     check_latents_shape, check_steps_and_guidance, DiffusionPipeline, PipelineInfo, SizeRules,
 };
 use super::stage::{Conditioning, Stage, StageSet};
-use super::tensor_parallel::{agree_on_stop, share_from_rank0, DenoiserGroup, HelperJob};
+use super::tensor_parallel::{
+    agree_on_stop, share_from_rank0, share_scalars, DenoiserGroup, HelperJob,
+};
 use super::{GenerateRequest, PipelineOptions, SizePlan, StepEvent, StepObserver};
 use crate::checkpoint::{ComponentFolder, PipelineFolder};
 use crate::denoiser::cogview3_plus::{
@@ -181,22 +183,36 @@ impl CogView3PlusPipeline {
         let denoiser = if stages.contains(Stage::Denoiser) {
             let _span = tracing::info_span!("load", stage = "denoiser").entered();
             let (comp, dtype, variant) = (tr.clone(), opts.dtype, opts.variant.clone());
-            Some(DenoiserGroup::load(
-                device,
-                opts.tensor_parallel,
-                move |dev, coll| match coll {
-                    None => {
-                        CogView3PlusTransformer::load_variant(&comp, dtype, dev, variant.as_deref())
-                    }
-                    Some(c) => CogView3PlusTransformer::load_sharded_variant(
-                        &comp,
-                        dtype,
-                        dev,
-                        variant.as_deref(),
-                        c,
-                    ),
-                },
-            )?)
+            if let Some(c) = &opts.collective {
+                let t = CogView3PlusTransformer::load_sharded_variant(
+                    &comp,
+                    dtype,
+                    device,
+                    variant.as_deref(),
+                    c.clone(),
+                )?;
+                Some(DenoiserGroup::external(t, c.clone()))
+            } else {
+                Some(DenoiserGroup::load(
+                    device,
+                    opts.tensor_parallel,
+                    move |dev, coll| match coll {
+                        None => CogView3PlusTransformer::load_variant(
+                            &comp,
+                            dtype,
+                            dev,
+                            variant.as_deref(),
+                        ),
+                        Some(c) => CogView3PlusTransformer::load_sharded_variant(
+                            &comp,
+                            dtype,
+                            dev,
+                            variant.as_deref(),
+                            c,
+                        ),
+                    },
+                )?)
+            }
         } else {
             None
         };
@@ -348,10 +364,7 @@ impl CogView3PlusPipeline {
         observer: &mut dyn StepObserver,
     ) -> Result<Tensor> {
         let _span = tracing::info_span!("denoise", steps).entered();
-        self.stages.require(Stage::Denoiser)?;
-        let Some(group) = &self.denoiser else {
-            return Err(ModelError::invalid("stage", "denoiser not loaded"));
-        };
+        let group = self.denoiser()?;
         let embeds = cond.get(EMBEDS)?;
         let rows = if cond.cfg { 2 } else { 1 };
         if embeds.rank() != 3 || embeds.dim(0)? != rows {
@@ -365,6 +378,7 @@ impl CogView3PlusPipeline {
             ));
         }
         let settings = RankLoop {
+            go: true,
             cfg: cond.cfg,
             steps,
             guidance,
@@ -372,19 +386,26 @@ impl CogView3PlusPipeline {
             width,
         };
         let sched = self.scheduler_config.clone();
-        let helper: HelperJob<CogView3PlusTransformer> = Arc::new(move |t, coll| {
-            rank_denoise(t, Some(coll), &sched, None, settings, None).map(|_| ())
-        });
-        group.run(helper, |t, coll| {
-            rank_denoise(
-                t,
-                coll,
-                &self.scheduler_config,
-                Some((embeds, noise)),
-                settings,
-                Some(observer),
-            )
-        })
+        let helper: HelperJob<CogView3PlusTransformer> =
+            Arc::new(move |t, coll| rank_denoise(t, Some(coll), &sched, None, None).map(|_| ()));
+        group
+            .run(helper, |t, coll| {
+                rank_denoise(
+                    t,
+                    coll,
+                    &self.scheduler_config,
+                    Some((embeds, noise, settings)),
+                    Some(observer),
+                )
+            })?
+            .ok_or_else(|| ModelError::invalid("tensor parallel", "rank 0 returned no latents"))
+    }
+
+    fn denoiser(&self) -> Result<&DenoiserGroup<CogView3PlusTransformer>> {
+        self.stages.require(Stage::Denoiser)?;
+        self.denoiser
+            .as_ref()
+            .ok_or_else(|| ModelError::invalid("stage", "denoiser not loaded"))
     }
 }
 
@@ -478,6 +499,34 @@ impl DiffusionPipeline for CogView3PlusPipeline {
         )
     }
 
+    fn follow_denoise(&self) -> Result<bool> {
+        let sched = &self.scheduler_config;
+        let out = self
+            .denoiser()?
+            .follow(|t, coll| rank_denoise(t, Some(coll), sched, None, None))?;
+        Ok(out.is_some())
+    }
+
+    fn stop_followers(&self) -> Result<()> {
+        let group = self.denoiser()?;
+        if group.rank() != 0 || group.ranks() == 1 {
+            return Ok(());
+        }
+        let stop = RankLoop {
+            go: false,
+            cfg: false,
+            steps: 0,
+            guidance: 0.0,
+            height: 0,
+            width: 0,
+        };
+        let dev = self.device.clone();
+        let helper: HelperJob<CogView3PlusTransformer> = Arc::new(|_, _| Ok(()));
+        group.run(helper, |_, coll| {
+            share_settings(coll, Some(stop), &dev).map(|_| ())
+        })
+    }
+
     fn decode(&self, latents: &Tensor, _plan: &SizePlan) -> Result<Tensor> {
         let _span = tracing::info_span!("decode").entered();
         self.stages.require(Stage::Vae)?;
@@ -492,9 +541,11 @@ impl DiffusionPipeline for CogView3PlusPipeline {
 
 // ------------------------------------------------------------------ the loop, per rank
 
-/// The scalar settings of a loop, the same on every rank.
+/// The scalar settings of a loop, the same on every rank (rank 0 shares them).
 #[derive(Debug, Clone, Copy)]
 struct RankLoop {
+    /// `false`: no loop, the followers stop.
+    go: bool,
     cfg: bool,
     steps: usize,
     guidance: f64,
@@ -510,13 +561,16 @@ fn rank_denoise(
     transformer: &CogView3PlusTransformer,
     coll: Option<&dyn Collective>,
     scheduler_config: &serde_json::Value,
-    job: Option<(&Tensor, &Tensor)>,
-    settings: RankLoop,
+    job: Option<(&Tensor, &Tensor, RankLoop)>,
     mut observer: Option<&mut dyn StepObserver>,
-) -> Result<Tensor> {
+) -> Result<Option<Tensor>> {
     let dev = transformer.device();
-    let embeds = share_from_rank0(coll, job.map(|(e, _)| e), dev)?;
-    let noise = share_from_rank0(coll, job.map(|(_, n)| n), dev)?;
+    let settings = share_settings(coll, job.map(|(_, _, s)| s), dev)?;
+    if !settings.go {
+        return Ok(None);
+    }
+    let embeds = share_from_rank0(coll, job.map(|(e, _, _)| e), dev)?;
+    let noise = share_from_rank0(coll, job.map(|(_, n, _)| n), dev)?;
     let mut on_step = |e: StepEvent| -> Result<ControlFlow<()>> {
         let stop = match observer.as_mut() {
             Some(o) => o.on_step(e).is_break(),
@@ -532,6 +586,37 @@ fn rank_denoise(
         settings,
         &mut on_step,
     )
+    .map(Some)
+}
+
+/// Rank 0's loop settings on every rank.
+fn share_settings(
+    coll: Option<&dyn Collective>,
+    settings: Option<RankLoop>,
+    dev: &Device,
+) -> Result<RankLoop> {
+    let v = share_scalars(
+        coll,
+        settings.map(|s| {
+            [
+                f64::from(u8::from(s.go)),
+                f64::from(u8::from(s.cfg)),
+                s.steps as f64,
+                s.guidance,
+                s.height as f64,
+                s.width as f64,
+            ]
+        }),
+        dev,
+    )?;
+    Ok(RankLoop {
+        go: v[0] != 0.0,
+        cfg: v[1] != 0.0,
+        steps: v[2] as usize,
+        guidance: v[3],
+        height: v[4] as usize,
+        width: v[5] as usize,
+    })
 }
 
 /// The denoising loop (diffusers `CogView3PlusPipeline.__call__`): `noise` is raw

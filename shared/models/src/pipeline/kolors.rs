@@ -33,7 +33,9 @@ use super::diffusion::{
     check_latents_shape, check_steps_and_guidance, DiffusionPipeline, PipelineInfo, SizeRules,
 };
 use super::stage::{Conditioning, Stage, StageSet};
-use super::tensor_parallel::{agree_on_stop, share_from_rank0, DenoiserGroup, HelperJob};
+use super::tensor_parallel::{
+    agree_on_stop, share_from_rank0, share_scalars, DenoiserGroup, HelperJob,
+};
 use super::{GenerateRequest, PipelineOptions, SizePlan, StepEvent, StepObserver};
 use crate::checkpoint::PipelineFolder;
 use crate::parallel::Collective;
@@ -160,16 +162,31 @@ impl KolorsPipeline {
         let denoiser = if stages.contains(Stage::Denoiser) {
             let _span = tracing::info_span!("load", stage = "denoiser").entered();
             let (comp, dtype, variant) = (unet_dir.clone(), opts.dtype, variant.clone());
-            Some(DenoiserGroup::load(
-                device,
-                opts.tensor_parallel,
-                move |dev, coll| match coll {
-                    None => UNet2DConditionModel::load(&comp, dtype, dev, variant.as_deref()),
-                    Some(c) => {
-                        UNet2DConditionModel::load_sharded(&comp, dtype, dev, variant.as_deref(), c)
-                    }
-                },
-            )?)
+            if let Some(c) = &opts.collective {
+                let u = UNet2DConditionModel::load_sharded(
+                    &comp,
+                    dtype,
+                    device,
+                    variant.as_deref(),
+                    c.clone(),
+                )?;
+                Some(DenoiserGroup::external(u, c.clone()))
+            } else {
+                Some(DenoiserGroup::load(
+                    device,
+                    opts.tensor_parallel,
+                    move |dev, coll| match coll {
+                        None => UNet2DConditionModel::load(&comp, dtype, dev, variant.as_deref()),
+                        Some(c) => UNet2DConditionModel::load_sharded(
+                            &comp,
+                            dtype,
+                            dev,
+                            variant.as_deref(),
+                            c,
+                        ),
+                    },
+                )?)
+            }
         } else {
             None
         };
@@ -322,11 +339,9 @@ impl KolorsPipeline {
         observer: &mut dyn StepObserver,
     ) -> Result<Tensor> {
         let _span = tracing::info_span!("denoise", steps).entered();
-        self.stages.require(Stage::Denoiser)?;
-        let Some(group) = &self.denoiser else {
-            return Err(ModelError::invalid("stage", "denoiser not loaded"));
-        };
+        let group = self.denoiser()?;
         let settings = RankLoop {
+            go: true,
             cfg: embeds.cfg,
             steps,
             guidance,
@@ -334,19 +349,26 @@ impl KolorsPipeline {
             width: size.1,
         };
         let sched = self.scheduler_config.clone();
-        let helper: HelperJob<UNet2DConditionModel> = Arc::new(move |u, coll| {
-            rank_denoise(u, Some(coll), &sched, None, settings, None).map(|_| ())
-        });
-        group.run(helper, |u, coll| {
-            rank_denoise(
-                u,
-                coll,
-                &self.scheduler_config,
-                Some((embeds, noise)),
-                settings,
-                Some(observer),
-            )
-        })
+        let helper: HelperJob<UNet2DConditionModel> =
+            Arc::new(move |u, coll| rank_denoise(u, Some(coll), &sched, None, None).map(|_| ()));
+        group
+            .run(helper, |u, coll| {
+                rank_denoise(
+                    u,
+                    coll,
+                    &self.scheduler_config,
+                    Some((embeds, noise, settings)),
+                    Some(observer),
+                )
+            })?
+            .ok_or_else(|| ModelError::invalid("tensor parallel", "rank 0 returned no latents"))
+    }
+
+    fn denoiser(&self) -> Result<&DenoiserGroup<UNet2DConditionModel>> {
+        self.stages.require(Stage::Denoiser)?;
+        self.denoiser
+            .as_ref()
+            .ok_or_else(|| ModelError::invalid("stage", "denoiser not loaded"))
     }
 }
 
@@ -449,6 +471,34 @@ impl DiffusionPipeline for KolorsPipeline {
         )
     }
 
+    fn follow_denoise(&self) -> Result<bool> {
+        let sched = &self.scheduler_config;
+        let out = self
+            .denoiser()?
+            .follow(|u, coll| rank_denoise(u, Some(coll), sched, None, None))?;
+        Ok(out.is_some())
+    }
+
+    fn stop_followers(&self) -> Result<()> {
+        let group = self.denoiser()?;
+        if group.rank() != 0 || group.ranks() == 1 {
+            return Ok(());
+        }
+        let stop = RankLoop {
+            go: false,
+            cfg: false,
+            steps: 0,
+            guidance: 0.0,
+            height: 0,
+            width: 0,
+        };
+        let dev = self.device.clone();
+        let helper: HelperJob<UNet2DConditionModel> = Arc::new(|_, _| Ok(()));
+        group.run(helper, |_, coll| {
+            share_settings(coll, Some(stop), &dev).map(|_| ())
+        })
+    }
+
     fn decode(&self, latents: &Tensor, _plan: &SizePlan) -> Result<Tensor> {
         let _span = tracing::info_span!("decode").entered();
         self.stages.require(Stage::Vae)?;
@@ -463,9 +513,11 @@ impl DiffusionPipeline for KolorsPipeline {
 
 // ------------------------------------------------------------------ the loop
 
-/// The scalar settings of a loop, the same on every rank.
+/// The scalar settings of a loop, the same on every rank (rank 0 shares them).
 #[derive(Debug, Clone, Copy)]
 struct RankLoop {
+    /// `false`: no loop, the followers stop.
+    go: bool,
     cfg: bool,
     steps: usize,
     guidance: f64,
@@ -480,17 +532,20 @@ fn rank_denoise(
     unet: &UNet2DConditionModel,
     coll: Option<&dyn Collective>,
     scheduler_config: &serde_json::Value,
-    job: Option<(&KolorsEmbeds, &Tensor)>,
-    settings: RankLoop,
+    job: Option<(&KolorsEmbeds, &Tensor, RankLoop)>,
     mut observer: Option<&mut dyn StepObserver>,
-) -> Result<Tensor> {
+) -> Result<Option<Tensor>> {
     let dev = unet.device();
+    let settings = share_settings(coll, job.map(|(_, _, s)| s), dev)?;
+    if !settings.go {
+        return Ok(None);
+    }
     let embeds = KolorsEmbeds {
-        prompt_embeds: share_from_rank0(coll, job.map(|(e, _)| &e.prompt_embeds), dev)?,
-        pooled: share_from_rank0(coll, job.map(|(e, _)| &e.pooled), dev)?,
+        prompt_embeds: share_from_rank0(coll, job.map(|(e, _, _)| &e.prompt_embeds), dev)?,
+        pooled: share_from_rank0(coll, job.map(|(e, _, _)| &e.pooled), dev)?,
         cfg: settings.cfg,
     };
-    let noise = share_from_rank0(coll, job.map(|(_, n)| n), dev)?;
+    let noise = share_from_rank0(coll, job.map(|(_, n, _)| n), dev)?;
     let mut on_step = |e: StepEvent| -> Result<ControlFlow<()>> {
         let stop = match observer.as_mut() {
             Some(o) => o.on_step(e).is_break(),
@@ -506,6 +561,37 @@ fn rank_denoise(
         settings,
         &mut on_step,
     )
+    .map(Some)
+}
+
+/// Rank 0's loop settings on every rank.
+fn share_settings(
+    coll: Option<&dyn Collective>,
+    settings: Option<RankLoop>,
+    dev: &Device,
+) -> Result<RankLoop> {
+    let v = share_scalars(
+        coll,
+        settings.map(|s| {
+            [
+                f64::from(u8::from(s.go)),
+                f64::from(u8::from(s.cfg)),
+                s.steps as f64,
+                s.guidance,
+                s.height as f64,
+                s.width as f64,
+            ]
+        }),
+        dev,
+    )?;
+    Ok(RankLoop {
+        go: v[0] != 0.0,
+        cfg: v[1] != 0.0,
+        steps: v[2] as usize,
+        guidance: v[3],
+        height: v[4] as usize,
+        width: v[5] as usize,
+    })
 }
 
 /// `KolorsPipeline.__call__`'s denoising loop: `noise` is raw standard-normal noise; returns

@@ -28,7 +28,9 @@ use super::diffusion::{
 };
 use super::resolution::{bin_table_for_sample_size, classify_height_width_bin, resize_and_crop};
 use super::stage::{Conditioning, Stage, StageSet};
-use super::tensor_parallel::{agree_on_stop, share_from_rank0, DenoiserGroup, HelperJob};
+use super::tensor_parallel::{
+    agree_on_stop, share_from_rank0, share_scalars, DenoiserGroup, HelperJob,
+};
 use super::{GenerateRequest, PipelineOptions, SizePlan, StepEvent, StepObserver};
 use crate::checkpoint::{ComponentFolder, PipelineFolder};
 use crate::denoiser::pixart::{PixArtConfig, PixArtTransformer};
@@ -598,19 +600,18 @@ fn share_settings(
     settings: Option<RankLoop>,
     dev: &Device,
 ) -> Result<RankLoop> {
-    let Some(c) = coll else {
-        return settings
-            .ok_or_else(|| ModelError::invalid("tensor parallel", "rank 0 has no job settings"));
-    };
-    let v = settings.map_or([0.0; 4], |s| {
-        [
-            f64::from(u8::from(s.go)),
-            f64::from(u8::from(s.cfg)),
-            s.steps as f64,
-            s.guidance,
-        ]
-    });
-    let v = c.broadcast(&Tensor::new(&v, dev)?, 0)?.to_vec1::<f64>()?;
+    let v = share_scalars(
+        coll,
+        settings.map(|s| {
+            [
+                f64::from(u8::from(s.go)),
+                f64::from(u8::from(s.cfg)),
+                s.steps as f64,
+                s.guidance,
+            ]
+        }),
+        dev,
+    )?;
     Ok(RankLoop {
         go: v[0] != 0.0,
         cfg: v[1] != 0.0,

@@ -231,6 +231,26 @@ pub fn agree_on_stop(
     })
 }
 
+/// Rank 0's loop scalars on every rank (one broadcast of `N` values); `values` is `Some` on
+/// rank 0 (returned as is without a collective), ignored elsewhere.
+pub fn share_scalars<const N: usize>(
+    coll: Option<&dyn Collective>,
+    values: Option<[f64; N]>,
+    device: &Device,
+) -> Result<[f64; N]> {
+    let Some(c) = coll else {
+        return values
+            .ok_or_else(|| ModelError::invalid("tensor parallel", "rank 0 has no loop settings"));
+    };
+    let v = values.unwrap_or([0.0; N]);
+    let got = c.broadcast(&Tensor::new(&v, device)?, 0)?.to_vec1::<f64>()?;
+    let mut out = [0.0; N];
+    for (o, g) in out.iter_mut().zip(got) {
+        *o = g;
+    }
+    Ok(out)
+}
+
 /// Rank 0's tensor on every rank: `x` is `Some` on rank 0 (and returned as is without a
 /// collective), ignored elsewhere.
 pub fn share_from_rank0(
