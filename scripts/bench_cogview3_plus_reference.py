@@ -6,7 +6,7 @@
 Case cogview3_plus_3b_512_b2_forward: one forward of the real-size CogView3PlusTransformer2DModel (diffusers
 defaults = THUDM/CogView3-Plus-3B: 30 layers, 64 heads x 40, text_embed_dim 4096, time_embed_dim 512,
 condition_dim 256, patch 2, 16 channels) on a 64x64 latent (512x512 px), batch 2 (CFG), 224 text tokens.
-About 2.85 B parameters (11.4 GB in f32), initialised in-process. Warmed up once, then timed --runs times.
+About 2.85 B parameters (11.4 GB in f32), initialised in-process; --layers N keeps N blocks. Warmed up once, then timed --runs times.
 Prints one JSON line on stdout, matching benches/cogview3_plus_forward.rs:
   {"name": ..., "median_s": ..., "runs": [...], ...}
 """
@@ -26,6 +26,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--layers", type=int, default=30, help="keep only the first N blocks (quick comparisons)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -36,7 +37,7 @@ def main():
     torch.manual_seed(0)
     t0 = time.perf_counter()
     with torch.no_grad():
-        model = CogView3PlusTransformer2DModel().eval()
+        model = CogView3PlusTransformer2DModel(num_layers=args.layers).eval()
         # N(0, 0.02^2) like the Rust bench (the timing does not depend on the values).
         for p in model.parameters():
             p.normal_(0.0, 0.02)
@@ -80,6 +81,7 @@ def main():
         "cpu_s_per_run": cpu,
         "params": n_params,
         "threads": args.threads,
+        "num_layers": args.layers,
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
         "dtype": "f32",
