@@ -9,7 +9,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .file_descriptor_set_path(out_dir.join("relayfarm_descriptor.bin"))
         .compile_protos(
-            &["relayfarm/v1/render.proto", "relayfarm/v1/cluster.proto"],
+            &[
+                "relayfarm/v1/render.proto",
+                "relayfarm/v1/cluster.proto",
+                "relayfarm/v1/replica.proto",
+                "relayfarm/v1/stage_link.proto",
+            ],
             &["."],
         )?;
     println!("cargo:rerun-if-changed=relayfarm");

@@ -8,6 +8,8 @@
 //!   changes in [`scripts`], event encoding in [`events`];
 //! - [`validation`]: submitted batches become fully resolved jobs, or INVALID_ARGUMENT naming
 //!   the field; [`error`]: the one mapping of errors to gRPC statuses;
+//! - [`replica`]: multi-process replicas (`--replica-layout`): workers grouped by stage, the
+//!   planner that forms and dissolves them, and the rendezvous of tensor-parallel ranks;
 //! - [`embedded_queue`]: the in-process twin that `relayfarm render --prompts` runs on (no
 //!   Redis). Both implement the same contract: jobs are claimed, completed once (idempotently,
 //!   by job id) or failed with a reason.
@@ -17,6 +19,7 @@ pub mod error;
 pub mod events;
 pub mod keys;
 pub mod redis_queue;
+pub mod replica;
 pub mod scripts;
 pub mod server;
 pub mod testkit;

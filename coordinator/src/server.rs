@@ -4,10 +4,12 @@
 use crate::error::{CoordError, Result as CoordResult};
 use crate::events;
 use crate::keys::Keys;
-use crate::redis_queue::{QueueConfig, RedisQueue};
+use crate::redis_queue::{now_ms, QueueConfig, RedisQueue};
+use crate::replica::{Dissolved, ReplicaLayout, ReplicaPlanner};
 use crate::validation::{self, validate_batch};
 use relayfarm_proto::v1::cluster_service_server::{ClusterService, ClusterServiceServer};
 use relayfarm_proto::v1::render_service_server::{RenderService, RenderServiceServer};
+use relayfarm_proto::v1::replica_service_server::{ReplicaService, ReplicaServiceServer};
 use relayfarm_proto::v1::{
     submit_batch_request, Batch, BatchEvent, CancelBatchRequest, CancelBatchResponse,
     ClaimJobRequest, ClaimJobResponse, CompleteJobRequest, CompleteJobResponse, DeregisterRequest,
@@ -17,10 +19,14 @@ use relayfarm_proto::v1::{
     RegisterResponse, ReleaseJobRequest, ReleaseJobResponse, SubmitBatchRequest,
     SubmitBatchResponse, WatchBatchRequest, FILE_DESCRIPTOR_SET,
 };
+use relayfarm_proto::v1::{
+    JoinReplicaRequest, JoinReplicaResponse, RendezvousRequest, RendezvousResponse,
+    ReplicaHeartbeatRequest, ReplicaHeartbeatResponse,
+};
 use relayfarm_results::{ResultStore, ResultStoreError};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -70,6 +76,11 @@ pub struct CoordinatorArgs {
     /// Prefix of every Redis key (several farms can share one Redis).
     #[arg(long, env = "RELAYFARM_KEY_PREFIX", default_value = "rf")]
     pub key_prefix: String,
+    /// Group workers started with `relayfarm-worker --replica` into multi-process replicas
+    /// with this many workers per stage, e.g. `text-encoder=1,denoiser=2,vae=1` (the
+    /// denoiser's count is its tensor-parallel size). Without it, replica workers are refused.
+    #[arg(long, env = "RELAYFARM_REPLICA_LAYOUT")]
+    pub replica_layout: Option<String>,
 }
 
 impl Default for CoordinatorArgs {
@@ -82,6 +93,7 @@ impl Default for CoordinatorArgs {
             max_attempts: 3,
             log_format: "text".into(),
             key_prefix: "rf".into(),
+            replica_layout: None,
         }
     }
 }
@@ -154,6 +166,7 @@ pub async fn serve(
     let coordinator = Coordinator::new(&args, shutdown.clone())?;
     coordinator.queue.spawn_connector(shutdown.clone());
     coordinator.queue.spawn_reaper(shutdown.clone());
+    coordinator.spawn_replica_expiry(shutdown.clone());
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -161,6 +174,9 @@ pub async fn serve(
         .await;
     health
         .set_serving::<ClusterServiceServer<Coordinator>>()
+        .await;
+    health
+        .set_serving::<ReplicaServiceServer<Coordinator>>()
         .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
@@ -173,6 +189,7 @@ pub async fn serve(
         results = %args.results.display(),
         lease_ms = args.lease_ms,
         max_attempts = args.max_attempts,
+        replica_layout = ?args.replica_layout,
         "relayfarm-coordinator listening"
     );
     let stop = shutdown.clone();
@@ -180,7 +197,8 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(reflection)
         .add_service(RenderServiceServer::new(coordinator.clone()))
-        .add_service(ClusterServiceServer::new(coordinator))
+        .add_service(ClusterServiceServer::new(coordinator.clone()))
+        .add_service(ReplicaServiceServer::new(coordinator))
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(listener)
                 .with_nodelay(Some(true))
@@ -206,6 +224,23 @@ pub struct Coordinator {
     queue: Arc<RedisQueue>,
     results: ResultStore,
     shutdown: CancellationToken,
+    /// The replica planner (`--replica-layout`), or `None`.
+    replicas: Option<Arc<Replicas>>,
+}
+
+/// The replica planner and the wake-up of rendezvous waiters.
+#[derive(Debug)]
+struct Replicas {
+    planner: Mutex<ReplicaPlanner>,
+    posted: tokio::sync::Notify,
+}
+
+impl Replicas {
+    fn lock(&self) -> MutexGuard<'_, ReplicaPlanner> {
+        self.planner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
 }
 
 impl Coordinator {
@@ -231,10 +266,21 @@ impl Coordinator {
                 args.results.display()
             )
         })?;
+        let replicas = match &args.replica_layout {
+            Some(l) => {
+                let layout = ReplicaLayout::parse(l).map_err(|e| anyhow::anyhow!("--{e}"))?;
+                Some(Arc::new(Replicas {
+                    planner: Mutex::new(ReplicaPlanner::new(layout, args.lease_ms)),
+                    posted: tokio::sync::Notify::new(),
+                }))
+            }
+            None => None,
+        };
         Ok(Coordinator {
             queue,
             results,
             shutdown,
+            replicas,
         })
     }
 
@@ -691,12 +737,195 @@ impl ClusterService for Coordinator {
         request: Request<DeregisterRequest>,
     ) -> Result<Response<DeregisterResponse>, Status> {
         let r = request.into_inner();
+        if let Some(rep) = &self.replicas {
+            let dissolved = rep.lock().leave(&r.worker_id);
+            self.release_dissolved(dissolved).await;
+        }
         self.queue
             .deregister(&r.worker_id)
             .await
             .map_err(|e| fail("Deregister", e))?;
         tracing::info!(worker = %r.worker_id, "worker deregistered");
         Ok(Response::new(DeregisterResponse {}))
+    }
+}
+
+/// Longest accepted rendezvous wait.
+const MAX_RENDEZVOUS_WAIT_MS: u32 = 60_000;
+
+impl Coordinator {
+    /// The replica planner, or FAILED_PRECONDITION when replicas are off.
+    fn replicas(&self) -> Result<&Arc<Replicas>, Status> {
+        self.replicas.as_ref().ok_or_else(|| {
+            Status::failed_precondition(
+                "this coordinator runs without --replica-layout: start it with e.g. \
+                 `--replica-layout text-encoder=1,denoiser=2,vae=1`, or run the worker \
+                 without --replica",
+            )
+        })
+    }
+
+    /// Releases the in-flight jobs of dissolved replicas whose head is gone (a live head
+    /// releases its own when it sees its assignment withdrawn).
+    async fn release_dissolved(&self, dissolved: Vec<Dissolved>) {
+        for d in dissolved {
+            tracing::warn!(replica = %d.replica_id, head = %d.head, reason = %d.reason, jobs = d.head_running.len(), "replica dissolved");
+            if !d.head_gone {
+                continue;
+            }
+            for job in &d.head_running {
+                match self.queue.release(&d.head, job).await {
+                    Ok(out) => {
+                        tracing::info!(job = %job, worker = %d.head, outcome = ?out, "released the job of a dissolved replica")
+                    }
+                    Err(e) => {
+                        tracing::warn!(job = %job, error = %e, "cannot release the job of a dissolved replica; the reaper will redeliver it")
+                    }
+                }
+            }
+        }
+    }
+
+    /// Drops replica members whose lease expired, every quarter lease, until `shutdown`.
+    fn spawn_replica_expiry(&self, shutdown: CancellationToken) {
+        let Some(rep) = self.replicas.clone() else {
+            return;
+        };
+        let me = self.clone();
+        let period = Duration::from_millis((self.queue.config().lease_ms / 4).max(50));
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(period) => {}
+                }
+                let dissolved = rep.lock().expire(now_ms());
+                if !dissolved.is_empty() {
+                    me.release_dissolved(dissolved).await;
+                }
+            }
+        });
+    }
+}
+
+#[tonic::async_trait]
+impl ReplicaService for Coordinator {
+    async fn join_replica(
+        &self,
+        request: Request<JoinReplicaRequest>,
+    ) -> Result<Response<JoinReplicaResponse>, Status> {
+        let r = request.into_inner();
+        let rep = self.replicas()?.clone();
+        let check = async {
+            require("worker_id", &r.worker_id)?;
+            require("model", &r.model)?;
+            require("link_addr", &r.link_addr)?;
+            let models = self.queue.worker_models(&r.worker_id).await?;
+            if !models.contains(&r.model) {
+                return Err(CoordError::Invalid(format!(
+                    "model: worker `{}` has not registered model `{}` (registered: {models:?}); \
+                     call Register first",
+                    r.worker_id, r.model
+                )));
+            }
+            Ok(())
+        };
+        check.await.map_err(|e| fail("JoinReplica", e))?;
+        let dissolved = rep
+            .lock()
+            .join(&r.worker_id, &r.model, &r.link_addr, now_ms());
+        self.release_dissolved(dissolved).await;
+        tracing::info!(worker = %r.worker_id, model = %r.model, link = %r.link_addr, "replica member joined");
+        let cfg = self.queue.config();
+        Ok(Response::new(JoinReplicaResponse {
+            heartbeat_interval_ms: cfg.heartbeat_interval_ms(),
+            lease_ms: cfg.lease_ms,
+        }))
+    }
+
+    async fn replica_heartbeat(
+        &self,
+        request: Request<ReplicaHeartbeatRequest>,
+    ) -> Result<Response<ReplicaHeartbeatResponse>, Status> {
+        let r = request.into_inner();
+        let rep = self.replicas()?.clone();
+        let out = self
+            .queue
+            .heartbeat(&r.worker_id, &r.running_job_ids)
+            .await
+            .map_err(|e| fail("ReplicaHeartbeat", e))?;
+        let assignment = if out.reregister {
+            None
+        } else {
+            rep.lock()
+                .heartbeat(&r.worker_id, &r.running_job_ids, now_ms())
+        };
+        Ok(Response::new(ReplicaHeartbeatResponse {
+            rejoin: assignment.is_none(),
+            assignment,
+            cancel_job_ids: out.cancel_job_ids,
+        }))
+    }
+
+    async fn rendezvous(
+        &self,
+        request: Request<RendezvousRequest>,
+    ) -> Result<Response<RendezvousResponse>, Status> {
+        let r = request.into_inner();
+        let rep = self.replicas()?.clone();
+        if r.replica_id.is_empty() || r.key.is_empty() {
+            return Err(Status::invalid_argument(
+                "replica_id and key: both must be set",
+            ));
+        }
+        if r.post {
+            if !rep
+                .lock()
+                .post(&r.replica_id, r.generation, &r.key, r.value.clone())
+            {
+                return Err(Status::failed_precondition(format!(
+                    "replica_id: `{}` generation {} is not a current replica (it was dissolved)",
+                    r.replica_id, r.generation
+                )));
+            }
+            rep.posted.notify_waiters();
+            return Ok(Response::new(RendezvousResponse {
+                value: r.value,
+                found: true,
+            }));
+        }
+        let deadline = tokio::time::Instant::now()
+            + Duration::from_millis(u64::from(r.wait_ms.min(MAX_RENDEZVOUS_WAIT_MS)));
+        loop {
+            let posted = rep.posted.notified();
+            tokio::pin!(posted);
+            posted.as_mut().enable();
+            let (value, current) = {
+                let p = rep.lock();
+                (
+                    p.lookup(&r.replica_id, r.generation, &r.key),
+                    p.is_current(&r.replica_id, r.generation),
+                )
+            };
+            if let Some(value) = value {
+                return Ok(Response::new(RendezvousResponse { value, found: true }));
+            }
+            if !current {
+                return Err(Status::failed_precondition(format!(
+                    "replica_id: `{}` generation {} is not a current replica (it was dissolved)",
+                    r.replica_id, r.generation
+                )));
+            }
+            tokio::select! {
+                _ = posted => {}
+                _ = tokio::time::sleep_until(deadline) => {
+                    return Ok(Response::new(RendezvousResponse { value: Vec::new(), found: false }));
+                }
+                _ = self.shutdown.cancelled() => {
+                    return Err(Status::unavailable("coordinator is shutting down"));
+                }
+            }
+        }
     }
 }
 

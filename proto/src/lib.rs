@@ -2,6 +2,9 @@
 //!
 //! - `RenderService` (public): submit prompt sets, watch progress, fetch images, cancel, list models.
 //! - `ClusterService` (internal): worker registration, heartbeats/leases, job claims and results.
+//! - `ReplicaService` (internal): workers grouped into multi-process replicas, one stage each,
+//!   and the rendezvous of a replica's tensor-parallel ranks.
+//! - `StageLink` (between workers): stage messages streamed from one stage's process to the next.
 
 /// `relayfarm.v1`.
 pub mod v1 {

@@ -93,6 +93,18 @@ pub struct WorkerArgs {
     /// Prefer this weight variant (e.g. fp16) when a folder has several.
     #[arg(long, env = "RELAYFARM_VARIANT")]
     pub variant: Option<String>,
+    /// Join multi-process replicas instead of rendering whole jobs: the coordinator (run with
+    /// `--replica-layout`) assigns this worker one stage of its model (see
+    /// [`crate::replica`]).
+    #[arg(long, env = "RELAYFARM_REPLICA")]
+    pub replica: bool,
+    /// With `--replica`: where this worker's stage-link server listens.
+    #[arg(long, env = "RELAYFARM_LINK_LISTEN", default_value = "127.0.0.1:0")]
+    pub link_listen: String,
+    /// With `--replica`: the stage-link address other workers dial (default: the listen
+    /// address with the port the system chose).
+    #[arg(long, env = "RELAYFARM_LINK_ADVERTISE")]
+    pub link_advertise: Option<String>,
 }
 
 /// How a running worker is told to stop.
@@ -233,6 +245,9 @@ pub fn parse_device(s: &str) -> anyhow::Result<Device> {
 /// Loads the models and serves until `shutdown` (for embedding the worker, e.g. in tests; no
 /// signal handling or logging setup).
 pub async fn serve(args: WorkerArgs, shutdown: Shutdown) -> anyhow::Result<()> {
+    if args.replica {
+        return crate::replica::serve(args, shutdown).await;
+    }
     let mut seen = std::collections::HashSet::new();
     for m in &args.models {
         if !seen.insert(m.name.as_str()) {
@@ -884,7 +899,7 @@ fn safe_component(s: &str) -> Option<String> {
 }
 
 /// `hostname-pid-xxxx`, unique per process.
-fn default_worker_id() -> String {
+pub(crate) fn default_worker_id() -> String {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
@@ -910,7 +925,7 @@ fn default_worker_id() -> String {
     )
 }
 
-fn hostname() -> String {
+pub(crate) fn hostname() -> String {
     std::env::var("HOSTNAME")
         .ok()
         .filter(|h| !h.trim().is_empty())

@@ -3,11 +3,13 @@
 //! - [`png_output`]: PNG encoding with the generation metadata in text chunks;
 //! - [`contact_sheet`]: a grid of thumbnails for a prompt set;
 //! - [`runner`]: a loaded pipeline plus the job → image path;
-//! - [`stage`]: stage executors joined by links (`--split`, replicas).
+//! - [`stage`]: stage executors joined by links (`--split`, replicas);
+//! - [`replica`]: `relayfarm-worker --replica`, one stage of a multi-process replica.
 
 pub mod contact_sheet;
 pub mod farm;
 pub mod png_output;
+pub mod replica;
 pub mod runner;
 pub mod stage;
 

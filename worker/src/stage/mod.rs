@@ -10,6 +10,7 @@
 //! [`Link`]: relayfarm_models::link::Link
 
 pub mod executor;
+pub mod grpc_link;
 pub mod split;
 
 pub use executor::{run_denoiser, run_text_encoder, run_vae, StageJob};
