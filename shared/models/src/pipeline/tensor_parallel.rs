@@ -243,7 +243,9 @@ pub fn share_scalars<const N: usize>(
             .ok_or_else(|| ModelError::invalid("tensor parallel", "rank 0 has no loop settings"));
     };
     let v = values.unwrap_or([0.0; N]);
-    let got = c.broadcast(&Tensor::new(&v, device)?, 0)?.to_vec1::<f64>()?;
+    let got = c
+        .broadcast(&Tensor::new(&v, device)?, 0)?
+        .to_vec1::<f64>()?;
     let mut out = [0.0; N];
     for (o, g) in out.iter_mut().zip(got) {
         *o = g;
