@@ -59,6 +59,10 @@ const INBOX_CAPACITY: usize = 2;
 const LINK_CONNECT: Duration = Duration::from_secs(15);
 /// How long tensor-parallel ranks wait for each other.
 const TP_RENDEZVOUS: Duration = Duration::from_secs(30);
+/// Rendezvous key of the NCCL unique id of a GPU tensor-parallel group.
+#[cfg_attr(not(feature = "nccl"), allow(dead_code))]
+const NCCL_ID_KEY: &str = "nccl-id";
+
 /// Rendezvous key of rank 0's collective address.
 const TP_ROOT_KEY: &str = "tp-root";
 /// How long a stopping stage may take before it is abandoned (its thread ends on its own).
@@ -307,7 +311,7 @@ struct RunningStage {
     /// Tasks and threads to wait for (bounded by [`STOP_GRACE`]).
     tasks: Vec<tokio::task::JoinHandle<()>>,
     /// The tensor-parallel group, aborted when the stage stops.
-    collective: Option<Arc<TcpCollective>>,
+    collective: Option<Arc<dyn Collective>>,
     /// Closes the head's job queue (ends the encoder thread).
     jobs: Option<std::sync::mpsc::SyncSender<StageJob>>,
     head: bool,
@@ -519,14 +523,17 @@ impl Member {
     ) -> anyhow::Result<()> {
         let world = a.tp_size.max(1) as usize;
         let rank = a.tp_rank as usize;
-        let collective: Option<Arc<TcpCollective>> = if world > 1 {
-            Some(self.form_group(a, rank, world, rx).await?)
+        let collective: Option<Arc<dyn Collective>> = if world > 1 {
+            Some(if self.opts.device.is_cuda() {
+                self.form_nccl_group(a, rank, world, rx).await?
+            } else {
+                self.form_group(a, rank, world, rx).await? as Arc<dyn Collective>
+            })
         } else {
             None
         };
         running.collective = collective.clone();
-        let dyn_coll = collective.map(|c| c as Arc<dyn Collective>);
-        let pipeline = self.stage_pipeline(Stage::Denoiser, dyn_coll).await?;
+        let pipeline = self.stage_pipeline(Stage::Denoiser, collective).await?;
         if rank > 0 {
             let stop = running.stop.clone();
             running.tasks.push(spawn_stage(
@@ -560,6 +567,98 @@ impl Member {
         Ok(())
     }
 
+    /// Rank 0's bytes under `key` in this replica generation's rendezvous: rank 0 posts
+    /// `value`; the other ranks wait for it (up to [`TP_RENDEZVOUS`]).
+    async fn rendezvous_share(
+        &self,
+        a: &Assignment,
+        key: &str,
+        value: Option<Vec<u8>>,
+        rx: &watch::Receiver<Assignment>,
+    ) -> anyhow::Result<Vec<u8>> {
+        let mut c = self.replica.clone();
+        if let Some(value) = value {
+            c.rendezvous(RendezvousRequest {
+                replica_id: a.replica_id.clone(),
+                generation: a.generation,
+                key: key.into(),
+                value: value.clone(),
+                post: true,
+                wait_ms: 0,
+            })
+            .await
+            .map_err(|s| anyhow!("Rendezvous post: {}", rpc::describe(&s)))?;
+            return Ok(value);
+        }
+        let deadline = tokio::time::Instant::now() + TP_RENDEZVOUS;
+        loop {
+            if key_of(&rx.borrow()) != key_of(a) {
+                bail!("the assignment changed while waiting for tensor-parallel rank 0");
+            }
+            let resp = c
+                .rendezvous(RendezvousRequest {
+                    replica_id: a.replica_id.clone(),
+                    generation: a.generation,
+                    key: key.into(),
+                    value: Vec::new(),
+                    post: false,
+                    wait_ms: 2000,
+                })
+                .await
+                .map_err(|s| anyhow!("Rendezvous: {}", rpc::describe(&s)))?
+                .into_inner();
+            if resp.found {
+                return Ok(resp.value);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                bail!("tensor-parallel rank 0 did not post `{key}` within {TP_RENDEZVOUS:?}");
+            }
+        }
+    }
+
+    /// Forms this process's rank of a tensor-parallel group on GPUs: rank 0 makes the NCCL
+    /// unique id and posts it through the coordinator's rendezvous (never through files); the
+    /// others fetch it; every rank then joins the communicator on this worker's GPU.
+    #[cfg(feature = "nccl")]
+    async fn form_nccl_group(
+        self: &Arc<Self>,
+        a: &Assignment,
+        rank: usize,
+        world: usize,
+        rx: &watch::Receiver<Assignment>,
+    ) -> anyhow::Result<Arc<dyn Collective>> {
+        use relayfarm_models::parallel::{NcclCollective, NcclId};
+        let mine = if rank == 0 {
+            Some(NcclId::new()?.as_bytes().to_vec())
+        } else {
+            None
+        };
+        let bytes = self.rendezvous_share(a, NCCL_ID_KEY, mine, rx).await?;
+        let id = NcclId::from_bytes(&bytes)?;
+        let device = self.opts.device.clone();
+        tracing::info!(rank, world, "joining the NCCL communicator");
+        let comm = tokio::task::spawn_blocking(move || -> anyhow::Result<NcclCollective> {
+            let c = NcclCollective::start(&device, rank, world, &id)?;
+            c.wait_ready()?;
+            Ok(c)
+        })
+        .await
+        .map_err(|e| anyhow!("NCCL set-up stopped: {e}"))??;
+        Ok(Arc::new(comm))
+    }
+
+    /// Without NCCL in the build, GPU ranks cannot form a group.
+    #[cfg(not(feature = "nccl"))]
+    async fn form_nccl_group(
+        self: &Arc<Self>,
+        _a: &Assignment,
+        _rank: usize,
+        _world: usize,
+        _rx: &watch::Receiver<Assignment>,
+    ) -> anyhow::Result<Arc<dyn Collective>> {
+        bail!("tensor-parallel ranks on GPUs need NCCL: build relayfarm-worker with `--features cuda`")
+    }
+
     /// Forms this process's rank of the tensor-parallel group: rank 0 listens and posts its
     /// address through the coordinator's rendezvous; the others wait for it and connect.
     async fn form_group(
@@ -569,7 +668,6 @@ impl Member {
         world: usize,
         rx: &watch::Receiver<Assignment>,
     ) -> anyhow::Result<Arc<TcpCollective>> {
-        let mut c = self.replica.clone();
         if rank == 0 {
             let host = self
                 .link_addr
@@ -578,46 +676,16 @@ impl Member {
                 .unwrap_or_else(|| "127.0.0.1".into());
             let root = TcpCollective::listen(format!("{host}:0"), world)?;
             let addr = root.local_addr().to_string();
-            c.rendezvous(RendezvousRequest {
-                replica_id: a.replica_id.clone(),
-                generation: a.generation,
-                key: TP_ROOT_KEY.into(),
-                value: addr.clone().into_bytes(),
-                post: true,
-                wait_ms: 0,
-            })
-            .await
-            .map_err(|s| anyhow!("Rendezvous post: {}", rpc::describe(&s)))?;
+            self.rendezvous_share(a, TP_ROOT_KEY, Some(addr.clone().into_bytes()), rx)
+                .await?;
             tracing::info!(%addr, world, "tensor-parallel rank 0 listening");
             let coll = tokio::task::spawn_blocking(move || root.accept(TP_RENDEZVOUS))
                 .await
                 .map_err(|e| anyhow!("rank 0 accept stopped: {e}"))??;
             return Ok(Arc::new(coll));
         }
-        let deadline = tokio::time::Instant::now() + TP_RENDEZVOUS;
-        let addr = loop {
-            if key_of(&rx.borrow()) != key_of(a) {
-                bail!("the assignment changed while waiting for tensor-parallel rank 0");
-            }
-            let resp = c
-                .rendezvous(RendezvousRequest {
-                    replica_id: a.replica_id.clone(),
-                    generation: a.generation,
-                    key: TP_ROOT_KEY.into(),
-                    value: Vec::new(),
-                    post: false,
-                    wait_ms: 2000,
-                })
-                .await
-                .map_err(|s| anyhow!("Rendezvous: {}", rpc::describe(&s)))?
-                .into_inner();
-            if resp.found {
-                break String::from_utf8_lossy(&resp.value).into_owned();
-            }
-            if tokio::time::Instant::now() >= deadline {
-                bail!("tensor-parallel rank 0 did not post its address within {TP_RENDEZVOUS:?}");
-            }
-        };
+        let bytes = self.rendezvous_share(a, TP_ROOT_KEY, None, rx).await?;
+        let addr = String::from_utf8_lossy(&bytes).into_owned();
         tracing::info!(root = %addr, rank, world, "joining tensor-parallel rank 0");
         let coll = tokio::task::spawn_blocking(move || {
             TcpCollective::connect(addr.as_str(), rank, world, TP_RENDEZVOUS)
