@@ -349,8 +349,9 @@ async fn wait_batch(farm: &Farm, batch: &str, n: usize) -> Vec<JobInfo> {
     }
 }
 
-/// Every job has exactly one ImageReady event and a PNG.
-async fn check_exactly_once(farm: &Farm, batch: &str, n: usize) {
+/// Every job has exactly one ImageReady event and a PNG; returns the step-progress events
+/// seen per job.
+async fn check_exactly_once(farm: &Farm, batch: &str, n: usize) -> HashMap<String, usize> {
     let mut c = farm.client().await;
     let mut events = c
         .watch_batch(WatchBatchRequest {
@@ -361,12 +362,14 @@ async fn check_exactly_once(farm: &Farm, batch: &str, n: usize) {
         .unwrap()
         .into_inner();
     let mut images: HashMap<String, usize> = HashMap::new();
+    let mut steps: HashMap<String, usize> = HashMap::new();
     let mut done = false;
     while let Ok(Ok(Some(ev))) =
         tokio::time::timeout(Duration::from_secs(20), events.message()).await
     {
         match ev.kind {
             Some(batch_event::Kind::Image(_)) => *images.entry(ev.job_id.clone()).or_default() += 1,
+            Some(batch_event::Kind::Step(_)) => *steps.entry(ev.job_id.clone()).or_default() += 1,
             Some(batch_event::Kind::Done(_)) => {
                 done = true;
                 break;
@@ -381,6 +384,7 @@ async fn check_exactly_once(farm: &Farm, batch: &str, n: usize) {
         "an image reported twice: {images:?}"
     );
     assert_eq!(farm.pngs(batch), n, "PNG files in the result store");
+    steps
 }
 
 fn rgb(path: &Path) -> (u32, u32, Vec<u8>) {
@@ -403,8 +407,10 @@ async fn a_replica_renders_what_the_embedded_run_renders() {
         .into_inner()
         .batch_id;
     let jobs = wait_batch(&farm, &batch_id, n).await;
-    check_exactly_once(&farm, &batch_id, n).await;
+    let steps = check_exactly_once(&farm, &batch_id, n).await;
     assert_eq!(jobs.len(), n);
+    // The denoiser reports step progress for the head, at least the last step of each job.
+    assert_eq!(steps.len(), n, "jobs with step progress: {steps:?}");
     let embedded = farm.dir.join("embedded");
     std::fs::create_dir_all(&embedded).unwrap();
     let mut worst = 0i32;
@@ -492,4 +498,77 @@ async fn killing_the_vae_worker_mid_batch_loses_no_job() {
     farm.wait_stage("te", "text-encoder", 2);
     wait_batch(&farm, &batch_id, n).await;
     check_exactly_once(&farm, &batch_id, n).await;
+}
+
+/// Cancelling a batch stops the replica's running jobs at a step boundary (the denoiser learns
+/// of it from its progress reports) and drops the queued ones; nothing fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_stops_running_replica_jobs() {
+    use relayfarm_proto::v1::CancelBatchRequest;
+    let mut farm = Farm::new("cancel");
+    farm.start_replica();
+    let mut c = farm.client().await;
+    let n = 6;
+    // Long jobs: they cannot finish by themselves within the test's time.
+    let batch_id = c
+        .submit_batch(tokio_stream::iter(batch(n, 64, 1000)))
+        .await
+        .unwrap()
+        .into_inner()
+        .batch_id;
+    let mut events = c
+        .watch_batch(WatchBatchRequest {
+            batch_id: batch_id.clone(),
+            after_event_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let t0 = Instant::now();
+    let running = loop {
+        let ev = tokio::time::timeout(Duration::from_secs(60), events.message())
+            .await
+            .expect("no event")
+            .unwrap()
+            .expect("stream ended");
+        if let Some(batch_event::Kind::Step(p)) = ev.kind {
+            assert!(p.step < p.total);
+            break ev.job_id;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(120), "no step progress");
+    };
+    c.cancel_batch(CancelBatchRequest {
+        batch_id: batch_id.clone(),
+    })
+    .await
+    .unwrap();
+    let cancelled_at = Instant::now();
+    let mut cancelled = Vec::new();
+    loop {
+        let ev = tokio::time::timeout(Duration::from_secs(60), events.message())
+            .await
+            .expect("no event after the cancel")
+            .unwrap()
+            .expect("stream ended");
+        match ev.kind {
+            Some(batch_event::Kind::Cancelled(_)) => cancelled.push(ev.job_id),
+            Some(batch_event::Kind::Failed(f)) => panic!("job {} failed: {}", ev.job_id, f.reason),
+            Some(batch_event::Kind::Image(_)) => {
+                panic!("job {} finished after the cancel", ev.job_id)
+            }
+            Some(batch_event::Kind::Done(d)) => {
+                assert_eq!((d.done, d.failed, d.cancelled), (0, 0, n as u32));
+                break;
+            }
+            _ => {}
+        }
+    }
+    assert!(
+        cancelled.contains(&running),
+        "the running job {running} was not cancelled"
+    );
+    eprintln!(
+        "batch cancelled {:.2} s after the request",
+        cancelled_at.elapsed().as_secs_f64()
+    );
 }

@@ -319,6 +319,12 @@ impl ReplicaPlanner {
             },
             downstream_addr: downstream.to_string(),
             head_addr: head_addr.to_string(),
+            head_worker_id: r
+                .members
+                .iter()
+                .find(|(_, s, rank)| *s == StageName::TextEncoder && *rank == 0)
+                .map(|(w, _, _)| w.clone())
+                .unwrap_or_default(),
         })
     }
 

@@ -554,12 +554,18 @@ impl Member {
         let out = self
             .connect(&a.downstream_addr, a.generation, &running.stop)
             .await?;
+        let mut progress = DenoiserProgress {
+            cluster: self.cluster.clone(),
+            runtime: self.runtime.clone(),
+            head: a.head_worker_id.clone(),
+            last: None,
+        };
         running
             .tasks
             .push(spawn_stage("denoiser", running.failed.clone(), move || {
                 let mut inbox: GrpcLinkReceiver = inbox;
                 let mut out = NoShutdown(out);
-                let mut on_step = |_: &str, _: StepEvent| ControlFlow::Continue(());
+                let mut on_step = |id: &str, e: StepEvent| progress.on_step(id, e);
                 let r = run_denoiser(pipeline.as_ref(), &mut inbox, &mut out, &mut on_step);
                 let stopped = pipeline.stop_followers();
                 r.and(stopped)
@@ -1002,6 +1008,46 @@ impl Member {
 }
 
 /// Runs a stage loop on a blocking thread, logging how it ended; an error cancels `failed`.
+/// Step progress of the denoiser stage, reported for the head (which holds the job) at most
+/// every [`PROGRESS_EVERY`] and at the last step; a cancelled job stops at that step boundary.
+struct DenoiserProgress {
+    cluster: Cluster,
+    runtime: Handle,
+    head: String,
+    last: Option<std::time::Instant>,
+}
+
+/// How often the denoiser reports step progress.
+const PROGRESS_EVERY: Duration = Duration::from_millis(250);
+
+impl DenoiserProgress {
+    fn on_step(&mut self, message_id: &str, e: StepEvent) -> ControlFlow<()> {
+        let due = e.step == e.total || self.last.is_none_or(|t| t.elapsed() >= PROGRESS_EVERY);
+        if !due || self.head.is_empty() {
+            return ControlFlow::Continue(());
+        }
+        self.last = Some(std::time::Instant::now());
+        // Message ids are `<generation>/<job id>`.
+        let job = message_id.split_once('/').map_or(message_id, |(_, j)| j);
+        let (step, total) = (e.step as u32, e.total as u32);
+        let r = self.runtime.block_on(
+            self.cluster
+                .report_progress_as(&self.head, job, step, total),
+        );
+        match r {
+            Ok(ack) if ack.cancelled => {
+                tracing::info!(job, step, "job cancelled: stopping at this step");
+                ControlFlow::Break(())
+            }
+            Ok(_) => ControlFlow::Continue(()),
+            Err(s) => {
+                tracing::debug!(job, error = %rpc::describe(&s), "progress report failed");
+                ControlFlow::Continue(())
+            }
+        }
+    }
+}
+
 fn spawn_stage(
     name: &'static str,
     failed: CancellationToken,

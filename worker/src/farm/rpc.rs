@@ -107,9 +107,22 @@ impl Cluster {
         step: u32,
         total: u32,
     ) -> Result<ProgressAck, Status> {
+        self.report_progress_as(&self.worker_id, job_id, step, total)
+            .await
+    }
+
+    /// Reports step progress of a job that `owner` holds (a replica's denoiser reports for
+    /// its text-encoder worker, which claimed the job).
+    pub async fn report_progress_as(
+        &self,
+        owner: &str,
+        job_id: &str,
+        step: u32,
+        total: u32,
+    ) -> Result<ProgressAck, Status> {
         let mut c = self.client.clone();
         let msg = ProgressReport {
-            worker_id: self.worker_id.clone(),
+            worker_id: owner.to_string(),
             job_id: job_id.to_string(),
             step,
             total,
