@@ -649,39 +649,46 @@ pub(crate) mod fused {
 
         #[test]
         fn ln_modulate_matches_reference() {
+            // Deterministic inputs far from zero mean (the case a one-pass variance gets wrong),
+            // against a reference computed in f64.
             let dev = Device::Cpu;
-            let x = (Tensor::randn(0f32, 1.0, (2, 5, 19), &dev).unwrap() + 30.0).unwrap();
-            let alpha = Tensor::randn(0f32, 1.0, (2, 19), &dev).unwrap();
-            let beta = Tensor::randn(0f32, 1.0, (2, 19), &dev).unwrap();
+            let wave = |n: usize, f: f64, scale: f64, offset: f64| -> Vec<f32> {
+                (0..n)
+                    .map(|i| (offset + scale * ((i as f64) * f).sin()) as f32)
+                    .collect()
+            };
+            let x = Tensor::from_vec(wave(2 * 5 * 19, 0.37, 1.3, 30.0), (2, 5, 19), &dev).unwrap();
+            let alpha = Tensor::from_vec(wave(2 * 19, 0.11, 2.5, 0.2), (2, 19), &dev).unwrap();
+            let beta = Tensor::from_vec(wave(2 * 19, 0.23, 1.0, 0.0), (2, 19), &dev).unwrap();
+            let f64_of = |t: &Tensor| t.to_dtype(candle_core::DType::F64).unwrap();
+            let reference = |a_bc: Tensor, b_bc: Tensor| {
+                let x = f64_of(&x);
+                let mean = x.mean_keepdim(2).unwrap();
+                let xc = x.broadcast_sub(&mean).unwrap();
+                let var = xc.sqr().unwrap().mean_keepdim(2).unwrap();
+                xc.broadcast_div(&(var + 1e-6).unwrap().sqrt().unwrap())
+                    .unwrap()
+                    .broadcast_mul(&a_bc)
+                    .unwrap()
+                    .broadcast_add(&b_bc)
+                    .unwrap()
+                    .to_dtype(candle_core::DType::F32)
+                    .unwrap()
+            };
             let got = layer_norm_modulate(&x, &alpha, &beta, 1e-6).unwrap();
-            let mean = x.mean_keepdim(2).unwrap();
-            let xc = x.broadcast_sub(&mean).unwrap();
-            let var = xc.sqr().unwrap().mean_keepdim(2).unwrap();
-            let want = xc
-                .broadcast_div(&(var + 1e-6).unwrap().sqrt().unwrap())
-                .unwrap()
-                .broadcast_mul(&alpha.unsqueeze(1).unwrap())
-                .unwrap()
-                .broadcast_add(&beta.unsqueeze(1).unwrap())
-                .unwrap();
-            assert!(max_abs_diff(&got, &want) < 2e-5);
+            let want = reference(
+                f64_of(&alpha.unsqueeze(1).unwrap()),
+                f64_of(&beta.unsqueeze(1).unwrap()),
+            );
+            let e = max_abs_diff(&got, &want);
+            assert!(e < 2e-5, "{e}");
             // Shared alpha/beta.
             let a1 = alpha.get(0).unwrap();
             let b1 = beta.get(1).unwrap();
             let got = layer_norm_modulate(&x, &a1, &b1, 1e-6).unwrap();
-            let want = xc
-                .broadcast_div(
-                    &(xc.sqr().unwrap().mean_keepdim(2).unwrap() + 1e-6)
-                        .unwrap()
-                        .sqrt()
-                        .unwrap(),
-                )
-                .unwrap()
-                .broadcast_mul(&a1)
-                .unwrap()
-                .broadcast_add(&b1)
-                .unwrap();
-            assert!(max_abs_diff(&got, &want) < 2e-5);
+            let want = reference(f64_of(&a1), f64_of(&b1));
+            let e = max_abs_diff(&got, &want);
+            assert!(e < 2e-5, "{e}");
         }
 
         #[test]
