@@ -1,6 +1,10 @@
-//! Peak resident memory of loading a sharded fp16 ChatGLM3 text encoder (Kolors, issue 7).
+//! Peak resident memory of loading Kolors' big components: the sharded fp16 ChatGLM3 text
+//! encoder (default) and, with `BENCH_MODEL=unet`, the real-size 2.58 B-parameter UNet (one
+//! 5.16 GB fp16 file, as Kwai-Kolors/Kolors-diffusers ships it; its tensor list is
+//! `benches/data/kolors_unet.json`, made by `scripts/kolors_unet_shapes.py` from the real config).
 //!
 //! `cargo bench -p relayfarm-models --bench sharded_load_memory`
+//! `BENCH_MODEL=unet cargo bench -p relayfarm-models --bench sharded_load_memory`
 //!
 //! Writes a synthetic `text_encoder/` folder laid out like Kwai-Kolors/Kolors-diffusers
 //! (`model.fp16-0000{1,2,3}-of-00003.safetensors` + `model.safetensors.index.fp16.json` +
@@ -27,6 +31,7 @@ use std::time::Instant;
 use candle_core::Device;
 use relayfarm_models::checkpoint::ComponentFolder;
 use relayfarm_models::text_encoder::chatglm::{ChatGlmConfig, ChatGlmEncoder};
+use relayfarm_models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use relayfarm_models::RunDtype;
 
 const CHILD_ENV: &str = "RELAYFARM_SHARDED_LOAD_CHILD";
@@ -158,6 +163,38 @@ fn write_folder(dir: &Path, layers: usize) -> std::io::Result<u64> {
     Ok(bytes)
 }
 
+/// The real Kolors UNet: its config and `(name, shape)` of every weight.
+fn kolors_unet() -> (serde_json::Value, Vec<(String, Vec<usize>)>) {
+    let text = include_str!("data/kolors_unet.json");
+    let v: serde_json::Value = serde_json::from_str(text).expect("kolors_unet.json");
+    let tensors = v["tensors"]
+        .as_array()
+        .expect("tensors")
+        .iter()
+        .map(|t| {
+            let name = t[0].as_str().expect("name").to_string();
+            let shape = t[1]
+                .as_array()
+                .expect("shape")
+                .iter()
+                .map(|d| d.as_u64().expect("dim") as usize)
+                .collect();
+            (name, shape)
+        })
+        .collect();
+    (v["config"].clone(), tensors)
+}
+
+/// Writes the `unet/` folder: `config.json` and one fp16 file, as the real repository has.
+fn write_unet_folder(dir: &Path) -> std::io::Result<u64> {
+    std::fs::create_dir_all(dir)?;
+    let (config, tensors) = kolors_unet();
+    let file = dir.join("diffusion_pytorch_model.fp16.safetensors");
+    write_shard(&file, &tensors)?;
+    std::fs::write(dir.join("config.json"), config.to_string())?;
+    Ok(std::fs::metadata(&file)?.len())
+}
+
 /// `(VmRSS, RssAnon, RssFile, VmHWM)` in bytes.
 fn status() -> [u64; 4] {
     let text = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
@@ -177,12 +214,64 @@ fn status() -> [u64; 4] {
     ]
 }
 
+/// In a child process: loads the UNet one way and prints its JSON line.
+fn child_unet(mode: &str, dir: &str) {
+    let comp = ComponentFolder::open(dir, "unet", "UNet2DConditionModel".into())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (_, tensors) = kolors_unet();
+    let held: u64 = tensors.iter().map(|(_, s)| numel(s) as u64 * 2).sum();
+    let file_bytes =
+        std::fs::metadata(Path::new(dir).join("diffusion_pytorch_model.fp16.safetensors"))
+            .map(|m| m.len())
+            .unwrap_or(0);
+    let reset = std::fs::write("/proc/self/clear_refs", "5").is_ok();
+    let before = status();
+    let t0 = Instant::now();
+    let unet = match mode {
+        "lean" => UNet2DConditionModel::load(&comp, RunDtype::F16, &Device::Cpu, Some("fp16")),
+        _ => comp.config::<UNet2DConditionConfig>().and_then(|cfg| {
+            let vb = comp.var_builder(RunDtype::F16, &Device::Cpu, Some("fp16"))?;
+            UNet2DConditionModel::new(&cfg, vb)
+        }),
+    }
+    .unwrap_or_else(|e| panic!("{e}"));
+    let load_s = t0.elapsed().as_secs_f64();
+    let after = status();
+    let gib = |b: u64| (b as f64 / (1u64 << 30) as f64 * 1000.0).round() / 1000.0;
+    println!(
+        "{}",
+        serde_json::json!({
+            "bench": "sharded_load_memory",
+            "model": "kolors-unet",
+            "mode": mode,
+            "parameters": held / 2,
+            "dtype": "f16",
+            "file_bytes": file_bytes,
+            "held_tensor_bytes": held,
+            "rss_before_bytes": before[0],
+            "peak_rss_bytes": after[3],
+            "peak_reset": reset,
+            "rss_after_bytes": after[0],
+            "peak_gib": gib(after[3]),
+            "file_gib": gib(file_bytes),
+            "held_gib": gib(held),
+            "peak_over_held": ((after[3].saturating_sub(before[0])) as f64 / held as f64 * 1000.0).round() / 1000.0,
+            "load_seconds": (load_s * 1000.0).round() / 1000.0,
+        })
+    );
+    drop(unet);
+}
+
 /// In a child process: loads the encoder one way and prints its JSON line.
 fn child(spec: &str) {
     let Some((mode, dir)) = spec.split_once(',') else {
         eprintln!("bad {CHILD_ENV}={spec}");
         std::process::exit(2);
     };
+    if let Some(dir) = dir.strip_prefix("unet:") {
+        child_unet(mode, dir);
+        return;
+    }
     let comp = ComponentFolder::open(dir, "text_encoder", "ChatGLMModel".into())
         .unwrap_or_else(|e| panic!("{e}"));
     let file_bytes: u64 = std::fs::read_dir(dir)
@@ -246,6 +335,7 @@ fn main() {
         child(&spec);
         return;
     }
+    let unet = std::env::var("BENCH_MODEL").as_deref() == Ok("unet");
     let layers: usize = std::env::var("BENCH_LAYERS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -253,21 +343,40 @@ fn main() {
     let dir = std::env::var("BENCH_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|_| {
-            std::env::temp_dir().join(format!("relayfarm-chatglm-{layers}l/text_encoder"))
+            if unet {
+                std::env::temp_dir().join("relayfarm-kolors-unet/unet")
+            } else {
+                std::env::temp_dir().join(format!("relayfarm-chatglm-{layers}l/text_encoder"))
+            }
         });
     let t0 = Instant::now();
-    let bytes = write_folder(&dir, layers).expect("write the bench checkpoint");
-    eprintln!(
-        "wrote {} ({layers} of {REAL_LAYERS} ChatGLM3 blocks, {:.2} GB) in {:.1} s",
-        dir.display(),
-        bytes as f64 / 1e9,
-        t0.elapsed().as_secs_f64()
-    );
+    if unet {
+        let bytes = write_unet_folder(&dir).expect("write the bench checkpoint");
+        eprintln!(
+            "wrote {} (the real-size Kolors UNet, {:.2} GB) in {:.1} s",
+            dir.display(),
+            bytes as f64 / 1e9,
+            t0.elapsed().as_secs_f64()
+        );
+    } else {
+        let bytes = write_folder(&dir, layers).expect("write the bench checkpoint");
+        eprintln!(
+            "wrote {} ({layers} of {REAL_LAYERS} ChatGLM3 blocks, {:.2} GB) in {:.1} s",
+            dir.display(),
+            bytes as f64 / 1e9,
+            t0.elapsed().as_secs_f64()
+        );
+    }
+    let target = if unet {
+        format!("unet:{}", dir.display())
+    } else {
+        dir.display().to_string()
+    };
     let exe = std::env::current_exe().expect("current exe");
     let mut ok = true;
     for mode in ["lean", "mmap_all"] {
         let out = std::process::Command::new(&exe)
-            .env(CHILD_ENV, format!("{mode},{}", dir.display()))
+            .env(CHILD_ENV, format!("{mode},{target}"))
             .output()
             .expect("run the child");
         if out.status.success() {

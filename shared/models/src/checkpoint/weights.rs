@@ -87,7 +87,69 @@ impl WeightFiles {
                 tensors.insert(key, t);
             }
         }
-        Ok(VarBuilder::from_tensors(tensors, target, device))
+        Ok(VarBuilder::from_backend(
+            Box::new(TakeOnce {
+                tensors: std::sync::Mutex::new(tensors),
+            }),
+            target,
+            device.clone(),
+        ))
+    }
+}
+
+/// A [`candle_nn::var_builder::SimpleBackend`] that hands each tensor out once and forgets it,
+/// so that a model which builds fused weights from loaded ones (e.g. Q, K and V concatenated)
+/// does not keep the originals alive until loading ends: the resident peak stays at the
+/// model's own weights. A tensor asked for twice is an error naming it.
+struct TakeOnce {
+    tensors: std::sync::Mutex<HashMap<String, Tensor>>,
+}
+
+impl TakeOnce {
+    fn take(&self, name: &str) -> candle_core::Result<Tensor> {
+        let mut map = self.tensors.lock().unwrap_or_else(|p| p.into_inner());
+        map.remove(name).ok_or_else(|| {
+            candle_core::Error::Msg(format!(
+                "tensor {name} is not in the checkpoint (or was already taken by the model)"
+            ))
+        })
+    }
+}
+
+impl candle_nn::var_builder::SimpleBackend for TakeOnce {
+    fn get(
+        &self,
+        s: candle_core::Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: candle_core::DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let t = self.take(name)?;
+        if t.shape() != &s {
+            return Err(candle_core::Error::UnexpectedShape {
+                msg: format!("shape mismatch for {name}"),
+                expected: s,
+                got: t.shape().clone(),
+            });
+        }
+        t.to_device(dev)?.to_dtype(dtype)
+    }
+
+    fn get_unchecked(
+        &self,
+        name: &str,
+        dtype: candle_core::DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        self.take(name)?.to_device(dev)?.to_dtype(dtype)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.tensors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(name)
     }
 }
 
