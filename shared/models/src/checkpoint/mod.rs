@@ -15,7 +15,7 @@ mod weights;
 
 pub use component::ComponentFolder;
 pub use model_index::{ComponentEntry, ModelIndex, PipelineFolder};
-pub use weights::{resolve_weight_files, WeightFiles};
+pub use weights::{check_safetensors_header, resolve_weight_files, safetensors_names, WeightFiles};
 
 use crate::{ModelError, Result};
 use std::path::Path;

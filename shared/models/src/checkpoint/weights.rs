@@ -153,6 +153,16 @@ impl candle_nn::var_builder::SimpleBackend for TakeOnce {
     }
 }
 
+/// The tensor names in a safetensors file (its header only).
+pub fn safetensors_names(path: &Path) -> Result<Vec<String>> {
+    let file = std::fs::File::open(path).map_err(|e| ModelError::corrupt(path, e))?;
+    // SAFETY: read-only map of a file we do not modify.
+    let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| ModelError::corrupt(path, e))?;
+    let st =
+        safetensors::SafeTensors::deserialize(&mmap).map_err(|e| ModelError::corrupt(path, e))?;
+    Ok(st.names().into_iter().map(str::to_string).collect())
+}
+
 /// Validates the header of a safetensors file so a truncated or corrupt download is reported
 /// with its path, rather than as a failure deep inside a model.
 pub fn check_safetensors_header(path: &Path) -> Result<()> {

@@ -382,10 +382,26 @@ impl T5Encoder {
     }
 
     /// Loads the `text_encoder/` component: `config.json` and its (single or sharded)
-    /// safetensors, converted to `dtype`.
+    /// safetensors, converted to `dtype` tensor by tensor (T5-XXL is 4.7 B parameters: the
+    /// resident peak stays at the converted weights, not weights plus mapped files). Of the tied
+    /// embedding only one copy is loaded.
     pub fn load(component: &ComponentFolder, dtype: RunDtype, device: &Device) -> Result<Self> {
         let cfg: T5EncoderConfig = component.config()?;
-        let vb = component.var_builder(dtype, device, None)?;
+        let files = component.weight_files(None)?;
+        for f in &files.files {
+            crate::checkpoint::check_safetensors_header(f)?;
+        }
+        let has_shared = files.files.iter().any(|f| {
+            crate::checkpoint::safetensors_names(f)
+                .map(|n| n.iter().any(|n| n == "shared.weight"))
+                .unwrap_or(false)
+        });
+        let vb = files.lean_var_builder(dtype, device, |name| {
+            let unused = (has_shared && name == "encoder.embed_tokens.weight")
+                || name.starts_with("decoder.")
+                || name == "lm_head.weight";
+            (!unused).then(|| name.to_string())
+        })?;
         Self::new(&cfg, vb)
     }
 
