@@ -713,3 +713,47 @@ async fn every_family_is_served_and_matches_the_embedded_render() {
         );
     }
 }
+
+/// A `--replica` worker pointed at a coordinator that runs without `--replica-layout` is a
+/// configuration error: it exits non-zero with a message naming the fix, instead of retrying.
+#[test]
+fn a_replica_worker_without_a_replica_coordinator_exits_with_the_fix() {
+    let mut farm = Farm::new("no-layout");
+    farm.start_redis();
+    farm.start_coordinator();
+    let log = farm.dir.join("replica-worker.log");
+    let out = std::fs::File::create(&log).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_relayfarm-worker"))
+        .args([
+            "--coordinator",
+            &farm.url(),
+            "--model",
+            &format!("tiny={}", tiny_model().display()),
+            "--results",
+            farm.dir.join("results").to_str().unwrap(),
+            "--replica",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(out.try_clone().unwrap()))
+        .stderr(Stdio::from(out))
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if t0.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "the worker kept running; log: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(!status.success(), "exit status {status}; log: {text}");
+    assert!(text.contains("--replica-layout"), "log: {text}");
+}

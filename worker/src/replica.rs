@@ -221,7 +221,7 @@ pub async fn serve(args: WorkerArgs, shutdown: Shutdown) -> anyhow::Result<()> {
         abort: shutdown.now.clone(),
         args,
     });
-    let Some(heartbeat_ms) = member.join_until_ok(&shutdown.graceful).await else {
+    let Some(heartbeat_ms) = member.join_until_ok(&shutdown.graceful).await? else {
         return Ok(());
     };
     let (tx, mut rx) = watch::channel(Assignment::default());
@@ -275,8 +275,13 @@ pub async fn serve(args: WorkerArgs, shutdown: Shutdown) -> anyhow::Result<()> {
         if let Err(s) = member.cluster.deregister().await {
             tracing::warn!(error = %rpc::describe(&s), "deregister failed");
         }
-        if member.join_until_ok(&shutdown.graceful).await.is_none() {
-            break;
+        match member.join_until_ok(&shutdown.graceful).await {
+            Ok(Some(_)) => {}
+            Ok(None) => break,
+            Err(e) => {
+                tracing::error!(error = %e, "leaving");
+                break;
+            }
         }
     }
     if let Some(stage) = current.take() {
@@ -289,6 +294,24 @@ pub async fn serve(args: WorkerArgs, shutdown: Shutdown) -> anyhow::Result<()> {
         Err(s) => tracing::warn!(error = %rpc::describe(&s), "deregister failed"),
     }
     Ok(())
+}
+
+/// Why joining the replica pool did not work.
+#[derive(Debug)]
+enum JoinError {
+    /// Worth retrying (coordinator or Redis unreachable, ...).
+    Retry(anyhow::Error),
+    /// The coordinator will never accept it (no `--replica-layout`).
+    Refused(String),
+}
+
+impl std::fmt::Display for JoinError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            JoinError::Retry(e) => write!(f, "{e:#}"),
+            JoinError::Refused(why) => write!(f, "refused: {why}"),
+        }
+    }
 }
 
 /// What identifies one formation's stage for this worker.
@@ -318,29 +341,35 @@ struct RunningStage {
 }
 
 impl Member {
-    /// Registers and joins the replica pool, retrying; the heartbeat interval, or `None` if
-    /// stopped first.
-    async fn join_until_ok(&self, stop: &CancellationToken) -> Option<u64> {
+    /// Registers and joins the replica pool, retrying while the coordinator is unreachable;
+    /// the heartbeat interval, or `None` if stopped first. A coordinator that runs without
+    /// replicas is a configuration error: it is returned, and the worker exits.
+    async fn join_until_ok(&self, stop: &CancellationToken) -> anyhow::Result<Option<u64>> {
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(2));
         loop {
             match self.join_once().await {
-                Ok(ms) => return Some(ms),
-                Err(e) => {
+                Ok(ms) => return Ok(Some(ms)),
+                Err(JoinError::Refused(why)) => {
+                    return Err(anyhow!(
+                        "the coordinator refused to place this worker in a replica: {why}"
+                    ));
+                }
+                Err(JoinError::Retry(e)) => {
                     tracing::warn!(error = %e, "cannot join the replica pool; retrying");
                     tokio::select! {
                         _ = tokio::time::sleep(backoff.next_delay()) => {}
-                        _ = stop.cancelled() => return None,
+                        _ = stop.cancelled() => return Ok(None),
                     }
                 }
             }
         }
     }
 
-    async fn join_once(&self) -> anyhow::Result<u64> {
+    async fn join_once(&self) -> Result<u64, JoinError> {
         self.cluster
             .register(self.register.clone())
             .await
-            .map_err(|s| anyhow!("Register: {}", rpc::describe(&s)))?;
+            .map_err(|s| JoinError::Retry(anyhow!("Register: {}", rpc::describe(&s))))?;
         let mut c = self.replica.clone();
         let resp = c
             .join_replica(JoinReplicaRequest {
@@ -349,7 +378,10 @@ impl Member {
                 link_addr: self.link_addr.clone(),
             })
             .await
-            .map_err(|s| anyhow!("JoinReplica: {}", rpc::describe(&s)))?
+            .map_err(|s| match s.code() {
+                tonic::Code::FailedPrecondition => JoinError::Refused(s.message().to_string()),
+                _ => JoinError::Retry(anyhow!("JoinReplica: {}", rpc::describe(&s))),
+            })?
             .into_inner();
         tracing::info!(
             heartbeat_ms = resp.heartbeat_interval_ms,
