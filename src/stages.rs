@@ -4,7 +4,7 @@
 use anyhow::{anyhow, Context, Result};
 use clap::Args;
 use relayfarm_models::checkpoint::PipelineFolder;
-use relayfarm_models::pipeline::memory::stage_estimates;
+use relayfarm_models::pipeline::memory::{stage_estimates, suggest_tensor_parallel};
 use relayfarm_models::pipeline::{load_pipeline, GenerateRequest, PipelineOptions, StageSet};
 use relayfarm_models::RunDtype;
 use std::path::PathBuf;
@@ -31,6 +31,10 @@ pub struct StagesArgs {
     /// Prefer this weight variant (e.g. fp16).
     #[arg(long)]
     pub variant: Option<String>,
+    /// Memory of one device in GiB: also suggest a replica layout
+    /// (`relayfarm-coordinator --replica-layout`) whose denoiser ranks fit in it.
+    #[arg(long)]
+    pub device_memory: Option<f64>,
 }
 
 /// Bytes in the largest binary unit that keeps the number ≥ 1.
@@ -90,6 +94,27 @@ pub fn run(args: StagesArgs) -> Result<ExitCode> {
         );
     }
     println!("(weights per device; a tensor-parallel denoiser's per rank)");
+    if let Some(gib) = args.device_memory {
+        if !(gib.is_finite() && gib > 0.0) {
+            anyhow::bail!("--device-memory {gib}: give the memory of one device in GiB, e.g. 80");
+        }
+        let bytes = (gib * (1u64 << 30) as f64) as u64;
+        match suggest_tensor_parallel(&folder, dtype, &plan, info.max_sequence_length, bytes)? {
+            Some((n, est)) => {
+                println!("suggested replica layout for {gib} GiB devices: text-encoder=1,denoiser={n},vae=1");
+                for e in est.iter().filter(|e| e.total_bytes() > bytes) {
+                    println!(
+                        "  warning: the {} stage needs {} and does not fit one device",
+                        e.stage.name(),
+                        human(e.total_bytes())
+                    );
+                }
+            }
+            None => println!(
+                "no tensor-parallel degree up to 64 fits the denoiser in {gib} GiB per device at this size: use a smaller size or dtype"
+            ),
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }
 

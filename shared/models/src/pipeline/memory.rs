@@ -176,6 +176,71 @@ pub fn stage_estimates(
     Ok(out)
 }
 
+/// The attention head counts of the denoiser's blocks (tensor parallelism splits heads, so a
+/// rank count must divide each): `num_attention_heads` of a DiT, or the per-block head counts of
+/// a UNet (SDXL configs store them in `attention_head_dim`). Empty when the config says nothing.
+pub fn denoiser_head_counts(folder: &PipelineFolder) -> Vec<u64> {
+    for name in folder.index().components.keys() {
+        if stage_of_component(name) != Some(Stage::Denoiser) {
+            continue;
+        }
+        let cfg = config(&folder.root().join(name));
+        let list = |v: &Value| -> Vec<u64> {
+            match v {
+                Value::Array(a) => a.iter().filter_map(Value::as_u64).collect(),
+                other => other.as_u64().into_iter().collect(),
+            }
+        };
+        let heads = list(cfg.get("num_attention_heads").unwrap_or(&Value::Null));
+        if !heads.is_empty() {
+            return heads;
+        }
+        let per_block = list(cfg.get("attention_head_dim").unwrap_or(&Value::Null));
+        // A UNet lists one entry per down block, attention or not: only blocks with
+        // attention split heads.
+        let Some(Value::Array(types)) = cfg.get("down_block_types") else {
+            return per_block;
+        };
+        if per_block.len() != types.len() {
+            return per_block;
+        }
+        return per_block
+            .into_iter()
+            .zip(types)
+            .filter(|(_, t)| t.as_str().is_some_and(|t| t.contains("Attn")))
+            .map(|(h, _)| h)
+            .collect();
+    }
+    Vec::new()
+}
+
+/// The fewest denoiser ranks (a count that divides every block's heads, up to 64) whose
+/// per-rank weights and activations fit in `device_bytes`, with the estimates at that count;
+/// `None` when even 64 ranks do not fit.
+pub fn suggest_tensor_parallel(
+    folder: &PipelineFolder,
+    dtype: RunDtype,
+    plan: &SizePlan,
+    seq_len: usize,
+    device_bytes: u64,
+) -> Result<Option<(usize, Vec<StageEstimate>)>> {
+    let heads = denoiser_head_counts(folder);
+    for n in 1..=64usize {
+        if !heads.iter().all(|h| *h % n as u64 == 0) {
+            continue;
+        }
+        let est = stage_estimates(folder, dtype, plan, seq_len, n)?;
+        let fits = est
+            .iter()
+            .find(|e| e.stage == Stage::Denoiser)
+            .is_some_and(|e| e.total_bytes() <= device_bytes);
+        if fits {
+            return Ok(Some((n, est)));
+        }
+    }
+    Ok(None)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -202,6 +267,30 @@ mod tests {
             assert!(e.parameters > 0 && e.activation_bytes > 0, "{e:?}");
             assert_eq!(e.weight_bytes, e.parameters * 4);
         }
+        assert_eq!(denoiser_head_counts(&folder), [2]);
+        // A UNet: only the blocks with attention count (Kolors: DownBlock2D has none).
+        let kolors = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../tests/fixtures/kolors-tiny"
+        );
+        assert_eq!(
+            denoiser_head_counts(&PipelineFolder::open(kolors).unwrap()),
+            [2, 4]
+        );
+        let denoiser = est[1].total_bytes();
+        let (n, _) = suggest_tensor_parallel(&folder, RunDtype::F32, &plan, 300, denoiser)
+            .unwrap()
+            .unwrap();
+        assert_eq!(n, 1);
+        let (n, _) = suggest_tensor_parallel(&folder, RunDtype::F32, &plan, 300, denoiser - 1)
+            .unwrap()
+            .unwrap();
+        assert_eq!(n, 2);
+        assert!(
+            suggest_tensor_parallel(&folder, RunDtype::F32, &plan, 300, 1)
+                .unwrap()
+                .is_none()
+        );
         let tp2 = stage_estimates(&folder, RunDtype::F32, &plan, 300, 2).unwrap();
         assert_eq!(tp2[1].weight_bytes, est[1].weight_bytes / 2);
         assert_eq!(tp2[0], est[0]);
