@@ -40,7 +40,7 @@ use super::diffusion::{
 };
 use super::stage::{Conditioning, Stage, StageSet};
 use super::tensor_parallel::{
-    agree_on_stop, share_from_rank0, share_scalars, DenoiserGroup, HelperJob,
+    agree_on_stop, share_from_rank0, DenoiserGroup, HelperJob, LoopSettings,
 };
 use super::{GenerateRequest, PipelineOptions, SizePlan, StepEvent, StepObserver};
 use crate::checkpoint::{ComponentFolder, PipelineFolder};
@@ -377,14 +377,7 @@ impl CogView3PlusPipeline {
                 ),
             ));
         }
-        let settings = RankLoop {
-            go: true,
-            cfg: cond.cfg,
-            steps,
-            guidance,
-            height,
-            width,
-        };
+        let settings = LoopSettings::run(cond.cfg, steps, guidance, (height, width));
         let sched = self.scheduler_config.clone();
         let helper: HelperJob<CogView3PlusTransformer> =
             Arc::new(move |t, coll| rank_denoise(t, Some(coll), &sched, None, None).map(|_| ()));
@@ -508,23 +501,7 @@ impl DiffusionPipeline for CogView3PlusPipeline {
     }
 
     fn stop_followers(&self) -> Result<()> {
-        let group = self.denoiser()?;
-        if group.rank() != 0 || group.ranks() == 1 {
-            return Ok(());
-        }
-        let stop = RankLoop {
-            go: false,
-            cfg: false,
-            steps: 0,
-            guidance: 0.0,
-            height: 0,
-            width: 0,
-        };
-        let dev = self.device.clone();
-        let helper: HelperJob<CogView3PlusTransformer> = Arc::new(|_, _| Ok(()));
-        group.run(helper, |_, coll| {
-            share_settings(coll, Some(stop), &dev).map(|_| ())
-        })
+        self.denoiser()?.stop_followers(&self.device)
     }
 
     fn decode(&self, latents: &Tensor, _plan: &SizePlan) -> Result<Tensor> {
@@ -541,19 +518,6 @@ impl DiffusionPipeline for CogView3PlusPipeline {
 
 // ------------------------------------------------------------------ the loop, per rank
 
-/// The scalar settings of a loop, the same on every rank (rank 0 shares them).
-#[derive(Debug, Clone, Copy)]
-struct RankLoop {
-    /// `false`: no loop, the followers stop.
-    go: bool,
-    cfg: bool,
-    steps: usize,
-    guidance: f64,
-    /// Generation size in pixels (the size conditioning).
-    height: usize,
-    width: usize,
-}
-
 /// One rank's loop. Rank 0 passes the job's embeddings and noise and the observer and shares
 /// them with the other ranks, which pass `None`; without tensor parallelism (`coll == None`)
 /// this is the plain loop.
@@ -561,11 +525,11 @@ fn rank_denoise(
     transformer: &CogView3PlusTransformer,
     coll: Option<&dyn Collective>,
     scheduler_config: &serde_json::Value,
-    job: Option<(&Tensor, &Tensor, RankLoop)>,
+    job: Option<(&Tensor, &Tensor, LoopSettings)>,
     mut observer: Option<&mut dyn StepObserver>,
 ) -> Result<Option<Tensor>> {
     let dev = transformer.device();
-    let settings = share_settings(coll, job.map(|(_, _, s)| s), dev)?;
+    let settings = LoopSettings::share(coll, job.map(|(_, _, s)| s), dev)?;
     if !settings.go {
         return Ok(None);
     }
@@ -589,36 +553,6 @@ fn rank_denoise(
     .map(Some)
 }
 
-/// Rank 0's loop settings on every rank.
-fn share_settings(
-    coll: Option<&dyn Collective>,
-    settings: Option<RankLoop>,
-    dev: &Device,
-) -> Result<RankLoop> {
-    let v = share_scalars(
-        coll,
-        settings.map(|s| {
-            [
-                f64::from(u8::from(s.go)),
-                f64::from(u8::from(s.cfg)),
-                s.steps as f64,
-                s.guidance,
-                s.height as f64,
-                s.width as f64,
-            ]
-        }),
-        dev,
-    )?;
-    Ok(RankLoop {
-        go: v[0] != 0.0,
-        cfg: v[1] != 0.0,
-        steps: v[2] as usize,
-        guidance: v[3],
-        height: v[4] as usize,
-        width: v[5] as usize,
-    })
-}
-
 /// The denoising loop (diffusers `CogView3PlusPipeline.__call__`): `noise` is raw
 /// standard-normal noise; returns the final latents (f32).
 fn denoise_loop(
@@ -626,7 +560,7 @@ fn denoise_loop(
     scheduler_config: &serde_json::Value,
     embeds: &Tensor,
     noise: &Tensor,
-    settings: RankLoop,
+    settings: LoopSettings,
     on_step: &mut dyn FnMut(StepEvent) -> Result<ControlFlow<()>>,
 ) -> Result<Tensor> {
     let mut sched = scheduler::from_config(scheduler_config.clone())?;

@@ -29,7 +29,7 @@ use super::diffusion::{
 use super::resolution::{bin_table_for_sample_size, classify_height_width_bin, resize_and_crop};
 use super::stage::{Conditioning, Stage, StageSet};
 use super::tensor_parallel::{
-    agree_on_stop, share_from_rank0, share_scalars, DenoiserGroup, HelperJob,
+    agree_on_stop, share_from_rank0, DenoiserGroup, HelperJob, LoopSettings,
 };
 use super::{GenerateRequest, PipelineOptions, SizePlan, StepEvent, StepObserver};
 use crate::checkpoint::{ComponentFolder, PipelineFolder};
@@ -393,12 +393,7 @@ impl PixArtSigmaPipeline {
     ) -> Result<Tensor> {
         let _span = tracing::info_span!("denoise", steps).entered();
         let group = self.denoiser()?;
-        let settings = RankLoop {
-            go: true,
-            cfg: embeds.cfg,
-            steps,
-            guidance,
-        };
+        let settings = LoopSettings::run(embeds.cfg, steps, guidance, (0, 0));
         let sched = self.scheduler.clone();
         let helper: HelperJob<PixArtTransformer> =
             Arc::new(move |t, coll| rank_denoise(t, Some(coll), &sched, None, None).map(|_| ()));
@@ -485,22 +480,7 @@ impl DiffusionPipeline for PixArtSigmaPipeline {
     }
 
     fn stop_followers(&self) -> Result<()> {
-        let group = self.denoiser()?;
-        if group.rank() != 0 || group.ranks() == 1 {
-            return Ok(());
-        }
-        let stop = RankLoop {
-            go: false,
-            cfg: false,
-            steps: 0,
-            guidance: 0.0,
-        };
-        let dev = self.device.clone();
-        let helper: HelperJob<PixArtTransformer> = Arc::new(|_, _| Ok(()));
-        group.run(helper, |_, coll| {
-            share_settings(coll, Some(stop), &dev)?;
-            Ok(())
-        })
+        self.denoiser()?.stop_followers(&self.device)
     }
 
     fn decode(&self, latents: &Tensor, plan: &SizePlan) -> Result<Tensor> {
@@ -584,42 +564,6 @@ fn denoise_loop(
 
 // ------------------------------------------------------------------ tensor parallelism
 
-/// The scalar settings of a loop, the same on every rank (rank 0 shares them).
-#[derive(Debug, Clone, Copy)]
-struct RankLoop {
-    /// `false`: no loop, the followers stop.
-    go: bool,
-    cfg: bool,
-    steps: usize,
-    guidance: f64,
-}
-
-/// Rank 0's loop settings on every rank (one small broadcast).
-fn share_settings(
-    coll: Option<&dyn Collective>,
-    settings: Option<RankLoop>,
-    dev: &Device,
-) -> Result<RankLoop> {
-    let v = share_scalars(
-        coll,
-        settings.map(|s| {
-            [
-                f64::from(u8::from(s.go)),
-                f64::from(u8::from(s.cfg)),
-                s.steps as f64,
-                s.guidance,
-            ]
-        }),
-        dev,
-    )?;
-    Ok(RankLoop {
-        go: v[0] != 0.0,
-        cfg: v[1] != 0.0,
-        steps: v[2] as usize,
-        guidance: v[3],
-    })
-}
-
 /// One rank's loop. Rank 0 passes the job's embeddings, noise and settings and the observer,
 /// and shares them with the other ranks, which pass `None`; without tensor parallelism
 /// (`coll == None`) this is the plain loop. Returns `None` when rank 0 signalled that there is
@@ -628,11 +572,11 @@ fn rank_denoise(
     transformer: &PixArtTransformer,
     coll: Option<&dyn Collective>,
     scheduler_config: &serde_json::Value,
-    job: Option<(&PromptEmbeds, &Tensor, RankLoop)>,
+    job: Option<(&PromptEmbeds, &Tensor, LoopSettings)>,
     mut observer: Option<&mut dyn StepObserver>,
 ) -> Result<Option<Tensor>> {
     let dev = transformer.device();
-    let settings = share_settings(coll, job.map(|(_, _, s)| s), dev)?;
+    let settings = LoopSettings::share(coll, job.map(|(_, _, s)| s), dev)?;
     if !settings.go {
         return Ok(None);
     }

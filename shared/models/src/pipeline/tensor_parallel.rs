@@ -112,6 +112,18 @@ impl<M: Send + Sync + 'static> DenoiserGroup<M> {
         self.external.as_ref().map_or(0, |c| c.rank())
     }
 
+    /// On rank 0 of a group that spans processes: tells the other ranks that no loop follows
+    /// (they return from their `follow` call). Nothing to do for in-process or one-rank groups.
+    pub fn stop_followers(&self, device: &Device) -> Result<()> {
+        match &self.external {
+            Some(c) if c.rank() == 0 && c.world_size() > 1 => {
+                LoopSettings::share(Some(c.as_ref()), Some(LoopSettings::stop()), device)
+                    .map(|_| ())
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Runs `job` on this process's shard with the cross-process collective (ranks > 0 of an
     /// external group).
     pub fn follow<T>(&self, job: impl FnOnce(&M, &dyn Collective) -> Result<T>) -> Result<T> {
@@ -229,6 +241,73 @@ pub fn agree_on_stop(
     } else {
         ControlFlow::Continue(())
     })
+}
+
+/// The scalar settings of one denoising loop, the same on every rank: rank 0 shares them at the
+/// start of each loop (so ranks in other processes learn them too).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct LoopSettings {
+    /// `false`: no loop follows; followers stop.
+    pub go: bool,
+    /// Whether the batch holds an unconditional half.
+    pub cfg: bool,
+    /// Denoising steps.
+    pub steps: usize,
+    /// Guidance scale.
+    pub guidance: f64,
+    /// Generation height in pixels (size conditioning; 0 when the model has none).
+    pub height: usize,
+    /// Generation width in pixels.
+    pub width: usize,
+}
+
+impl LoopSettings {
+    /// A loop with these settings.
+    pub fn run(cfg: bool, steps: usize, guidance: f64, (height, width): (usize, usize)) -> Self {
+        LoopSettings {
+            go: true,
+            cfg,
+            steps,
+            guidance,
+            height,
+            width,
+        }
+    }
+
+    /// "No more loops".
+    pub fn stop() -> Self {
+        LoopSettings::default()
+    }
+
+    /// Rank 0's settings on every rank (`settings` is `Some` on rank 0, ignored elsewhere).
+    pub fn share(
+        coll: Option<&dyn Collective>,
+        settings: Option<LoopSettings>,
+        device: &Device,
+    ) -> Result<LoopSettings> {
+        let v = share_scalars(
+            coll,
+            settings.map(|s| {
+                [
+                    f64::from(u8::from(s.go)),
+                    f64::from(u8::from(s.cfg)),
+                    s.steps as f64,
+                    s.guidance,
+                    s.height as f64,
+                    s.width as f64,
+                ]
+            }),
+            device,
+        )?;
+        Ok(LoopSettings {
+            go: v[0] != 0.0,
+            cfg: v[1] != 0.0,
+            steps: v[2] as usize,
+            guidance: v[3],
+            height: v[4] as usize,
+            width: v[5] as usize,
+        })
+    }
 }
 
 /// Rank 0's loop scalars on every rank (one broadcast of `N` values); `values` is `Some` on
@@ -365,6 +444,10 @@ mod tests {
         };
         assert_eq!(sum(&g, false).unwrap(), 6.0);
         assert!(sum(&g, true).is_err());
+        assert_eq!(sum(&g, false).unwrap(), 6.0);
+        // In-process ranks follow through `run`, never `follow`: nothing to stop (and no
+        // broadcast that the helper threads would never answer).
+        g.stop_followers(&Device::Cpu).unwrap();
         assert_eq!(sum(&g, false).unwrap(), 6.0);
         let one = DenoiserGroup::load(&Device::Cpu, 1, |_d, c| Ok(c.is_none())).unwrap();
         assert!(*one.rank0());
