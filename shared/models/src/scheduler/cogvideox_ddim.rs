@@ -130,12 +130,7 @@ impl Default for CogVideoXDdimConfig {
 }
 
 fn unsupported(field: &str, value: impl std::fmt::Display, supported: &str) -> ModelError {
-    ModelError::UnsupportedConfig {
-        component: CLASS_NAME.to_string(),
-        field: field.to_string(),
-        value: value.to_string(),
-        hint: format!("supported values: {supported}; change it in scheduler_config.json"),
-    }
+    super::unsupported_setting(CLASS_NAME, field, value, supported)
 }
 
 /// What the model predicts.
@@ -157,28 +152,16 @@ enum Spacing {
 impl CogVideoXDdimConfig {
     /// Parses `scheduler_config.json` text (Python's `Infinity`/`NaN` tokens are accepted).
     pub fn from_json_str(text: &str) -> Result<Self> {
-        let value = super::parse_python_json(text).map_err(|e| {
-            ModelError::corrupt("scheduler_config.json", format!("invalid JSON: {e}"))
-        })?;
-        Self::from_value(value)
+        super::config_from_json_str(text)
     }
 
     /// Deserialises a parsed JSON object.
     pub fn from_value(value: serde_json::Value) -> Result<Self> {
-        serde_json::from_value(value)
-            .map_err(|e| ModelError::corrupt("scheduler_config.json", format!("bad field: {e}")))
+        super::config_from_value(value)
     }
 
     fn settings(&self) -> Result<(Prediction, Spacing)> {
-        if let Some(class) = &self.class_name {
-            if class != CLASS_NAME {
-                return Err(ModelError::UnknownClass {
-                    what: "scheduler".into(),
-                    class: class.clone(),
-                    supported: CLASS_NAME.into(),
-                });
-            }
-        }
+        super::check_class_name(self.class_name.as_deref(), CLASS_NAME)?;
         if self.num_train_timesteps < 2 {
             return Err(unsupported(
                 "num_train_timesteps",

@@ -146,6 +146,49 @@ pub fn with_override(base: serde_json::Value, name: &str) -> Result<serde_json::
     Ok(value)
 }
 
+/// Parses `scheduler_config.json` text into a scheduler's config (Python's bare
+/// `Infinity`/`-Infinity`/`NaN` tokens are accepted).
+pub(crate) fn config_from_json_str<T: serde::de::DeserializeOwned>(text: &str) -> Result<T> {
+    let value = parse_python_json(text)
+        .map_err(|e| ModelError::corrupt("scheduler_config.json", format!("invalid JSON: {e}")))?;
+    config_from_value(value)
+}
+
+/// Deserialises a parsed `scheduler_config.json` into a scheduler's config.
+pub(crate) fn config_from_value<T: serde::de::DeserializeOwned>(
+    value: serde_json::Value,
+) -> Result<T> {
+    serde_json::from_value(value)
+        .map_err(|e| ModelError::corrupt("scheduler_config.json", format!("bad field: {e}")))
+}
+
+/// A setting of scheduler `class` that relayfarm does not implement, with the values it does.
+pub(crate) fn unsupported_setting(
+    class: &str,
+    field: &str,
+    value: impl std::fmt::Display,
+    supported: &str,
+) -> ModelError {
+    ModelError::UnsupportedConfig {
+        component: class.to_string(),
+        field: field.to_string(),
+        value: value.to_string(),
+        hint: format!("supported values: {supported}; change it in scheduler_config.json"),
+    }
+}
+
+/// A config's `_class_name`, when present, must be the scheduler reading it.
+pub(crate) fn check_class_name(class_name: Option<&str>, expected: &str) -> Result<()> {
+    match class_name {
+        Some(class) if class != expected => Err(ModelError::UnknownClass {
+            what: "scheduler".into(),
+            class: class.to_string(),
+            supported: expected.into(),
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// Reads `scheduler_config.json` from a component folder and builds the scheduler it names.
 pub fn from_folder(component: &ComponentFolder) -> Result<Box<dyn Scheduler>> {
     // `json_file` accepts Python's bare `Infinity`/`NaN` (see `checkpoint::read_json`).
