@@ -10,107 +10,13 @@ use relayfarm_proto::v1::{
     RenderParams, SubmitBatchRequest, WatchBatchRequest,
 };
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
 
-/// A child process killed (SIGKILL, by PID) when dropped.
-struct Proc {
-    name: String,
-    child: Option<Child>,
-}
-
-impl Proc {
-    fn spawn(name: &str, cmd: &mut Command, log: &Path) -> Proc {
-        let out = std::fs::File::create(log).expect("log file");
-        let err = out.try_clone().expect("log file");
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(out))
-            .stderr(Stdio::from(err))
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
-        Proc {
-            name: name.to_string(),
-            child: Some(child),
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
-    }
-
-    /// SIGKILL and reap.
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    /// SIGTERM, then wait up to `grace` for the exit.
-    fn terminate(&mut self, grace: Duration) -> Option<std::process::ExitStatus> {
-        let c = self.child.as_mut()?;
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(c.id().to_string())
-            .status();
-        let t0 = Instant::now();
-        while t0.elapsed() < grace {
-            if let Ok(Some(st)) = c.try_wait() {
-                self.child = None;
-                return Some(st);
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        self.kill();
-        None
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if self.child.is_some() {
-            eprintln!("stopping {} (pid {})", self.name, self.pid());
-        }
-        self.kill();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Waits until `proc` listens on `port`. Returns false if it exited first (e.g. the port was
-/// taken between `free_port` and its bind), so the caller can retry on another port.
-fn wait_listening(proc: &mut Proc, port: u16, what: &str) -> bool {
-    let t0 = Instant::now();
-    while t0.elapsed() < Duration::from_secs(60) {
-        if let Some(c) = proc.child.as_mut() {
-            if let Ok(Some(_)) = c.try_wait() {
-                proc.child = None;
-                return false;
-            }
-        }
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("{what} did not open port {port}");
-}
-
-fn tiny_model() -> PathBuf {
-    PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/pixart-sigma-tiny"
-    ))
-}
+mod common;
+use common::{free_port, tiny_model, wait_listening, Proc};
 
 /// One farm: Redis, a coordinator, workers; all on loopback, in a temp folder.
 struct Farm {
@@ -153,7 +59,7 @@ impl Farm {
                 "no",
             ]);
             let mut p = Proc::spawn("redis-server", &mut cmd, &self.dir.join("redis.log"));
-            if wait_listening(&mut p, self.redis_port, "redis-server") {
+            if wait_listening(&mut p, self.redis_port) {
                 self.redis = Some(p);
                 return;
             }
@@ -191,7 +97,7 @@ impl Farm {
                 &mut cmd,
                 &self.dir.join(format!("coordinator-{n}.log")),
             );
-            if wait_listening(&mut p, self.coord_port, "relayfarm-coordinator") {
+            if wait_listening(&mut p, self.coord_port) {
                 self.coordinator = Some(p);
                 return;
             }
