@@ -52,7 +52,7 @@ use crate::scheduler;
 use crate::text_encoder::t5::T5Encoder;
 use crate::tokenizer::t5::T5Tokenizer;
 use crate::vae::autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig};
-use crate::{ModelError, Result, RunDtype};
+use crate::{ModelError, Result};
 use candle_core::{DType, Device, Tensor};
 use std::ops::ControlFlow;
 use std::sync::Arc;
@@ -113,12 +113,7 @@ impl CogView3PlusPipeline {
                 supported: Self::CLASS.into(),
             });
         }
-        if opts.dtype == RunDtype::Bf16 && opts.device.is_cpu() {
-            return Err(ModelError::invalid(
-                "dtype",
-                "bf16 needs a CUDA device (candle's CPU matmul has no bf16 kernel); on the CPU use --dtype f32 or f16",
-            ));
-        }
+        opts.check_dtype_device()?;
         let folder = &folder.clone().with_variant(opts.variant.clone());
         let device = &opts.device;
         let stages = opts.stages;

@@ -124,12 +124,7 @@ impl KolorsPipeline {
                 supported: Self::CLASS.into(),
             });
         }
-        if opts.dtype == RunDtype::Bf16 && opts.device.is_cpu() {
-            return Err(ModelError::invalid(
-                "dtype",
-                "bf16 needs a CUDA device (candle's CPU matmul has no bf16 kernel); on the CPU use --dtype f32 or f16",
-            ));
-        }
+        opts.check_dtype_device()?;
         let folder = &folder.clone().with_variant(opts.variant.clone());
         let device = &opts.device;
         let stages = opts.stages;

@@ -56,6 +56,17 @@ pub struct PipelineOptions {
 }
 
 impl PipelineOptions {
+    /// Refuses a dtype the device cannot run (bf16 on the CPU), before anything is loaded.
+    pub fn check_dtype_device(&self) -> crate::Result<()> {
+        if self.dtype == RunDtype::Bf16 && self.device.is_cpu() {
+            return Err(crate::ModelError::invalid(
+                "dtype",
+                "bf16 needs a CUDA device (candle's CPU matmul has no bf16 kernel); on the CPU use --dtype f32 or f16",
+            ));
+        }
+        Ok(())
+    }
+
     /// f32 on the CPU, no variant or overrides, every stage.
     pub fn cpu(dtype: RunDtype) -> Self {
         PipelineOptions {
